@@ -5,3 +5,26 @@ Public surface: block-mask builders (Triton kernels on the GPU), dense reference
 """
 
 __version__ = "0.1.0"
+
+# from flexsparse import reference  (pending)
+from flexsparse.patterns.blockmask import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    block_mask_from_states,
+    block_states,
+    build_block_mask,
+    states_mask_mod,
+)
+
+__all__ = [
+    "__version__",
+    "reference",
+    "EMPTY",
+    "PARTIAL",
+    "FULL",
+    "build_block_mask",
+    "block_mask_from_states",
+    "block_states",
+    "states_mask_mod",
+]

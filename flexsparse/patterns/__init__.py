@@ -1,0 +1,1 @@
+"""Sparsity patterns: what attends to what, and how it becomes a FlexAttention BlockMask."""
