@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask
+from torch.nn.attention.flex_attention import BlockMask, noop_mask
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
@@ -151,10 +151,11 @@ def _compact_torch(states: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def _make_block_mask(lists, seq_lengths, block_size, mask_mod) -> BlockMask:
     kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx = lists
-    kwargs = {"BLOCK_SIZE": block_size}
-    if mask_mod is not None:
-        kwargs["mask_mod"] = mask_mod
-    return BlockMask(seq_lengths, kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx, **kwargs)
+    # mask_mod is positional without a default in torch 2.11: always pass it
+    return BlockMask(
+        seq_lengths, kv_num, kv_idx, fkv_num, fkv_idx, q_num, q_idx, fq_num, fq_idx,
+        block_size, noop_mask if mask_mod is None else mask_mod,
+    )
 
 
 def _states_to_lists(states: torch.Tensor, impl: str, validate: bool) -> tuple[torch.Tensor, ...]:
