@@ -102,8 +102,8 @@ def _check_lists(name: str, num: torch.Tensor, idx: torch.Tensor, nQ: int) -> No
         raise ValueError(f"{name}: num_blocks on {num.device} but indices on {idx.device}")
 
 
-def _raise_if_flagged(err: torch.Tensor, what: str) -> None:
-    if int(err.item()) != 0:
+def _raise_if_flagged(flags: torch.Tensor, what: str) -> None:
+    if bool(flags.any()):
         raise ValueError(what)
 
 
@@ -165,10 +165,9 @@ def _states_to_lists(states: torch.Tensor, impl: str, validate: bool) -> tuple[t
         return _compact_torch(states)
     from flexsparse.kernels.blockmask import compact_block_states
 
-    err = torch.zeros(1, dtype=torch.int32, device=states.device)
-    lists = compact_block_states(states, err)
+    lists, flags = compact_block_states(states)
     if validate:
-        _raise_if_flagged(err, "states must hold only EMPTY=0, PARTIAL=1 or FULL=2")
+        _raise_if_flagged(flags, "states must hold only EMPTY=0, PARTIAL=1 or FULL=2")
     return lists
 
 
@@ -280,11 +279,10 @@ def build_block_mask(
     else:
         from flexsparse.kernels.blockmask import compact_block_states, scatter_block_lists
 
-        err = torch.zeros(1, dtype=torch.int32, device=idx.device)
-        states = scatter_block_lists(num, idx, fnum, fidx, nKV, err)
-        lists = compact_block_states(states, err)
+        states, bad_rows = scatter_block_lists(num, idx, fnum, fidx, nKV)
+        lists, _ = compact_block_states(states)  # states written by the scatter are all valid
         if validate:
-            _raise_if_flagged(err, bad_msg)
+            _raise_if_flagged(bad_rows, bad_msg)
     return _make_block_mask(lists, (q_len, kv_len), (qb, kb), mask_mod)
 
 
@@ -308,8 +306,7 @@ def block_states(block_mask: BlockMask, impl: Impl = "auto") -> torch.Tensor:
         return _scatter_torch(num, idx, fnum, fidx, nKV)[0]
     from flexsparse.kernels.blockmask import scatter_block_lists
 
-    err = torch.zeros(1, dtype=torch.int32, device=idx.device)
-    return scatter_block_lists(num, idx, fnum, fidx, nKV, err)
+    return scatter_block_lists(num, idx, fnum, fidx, nKV)[0]
 
 
 def states_mask_mod(
