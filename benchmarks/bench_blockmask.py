@@ -33,6 +33,25 @@ def bench(fn, warmup=25, rep=100):
     return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def graph_time(fn):
+    """Median GPU time of ``fn`` replayed from a CUDA graph (no Python or launch overhead), or
+    None if ``fn`` cannot be captured."""
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        return bench(g.replay)
+    except Exception as e:  # noqa: BLE001 - report instead
+        console.print(f"[yellow]not capturable: {type(e).__name__}: {str(e)[:120]}[/]")
+        torch.cuda.synchronize()
+        return None
+
+
 def random_pattern(B, H, nQ, density, device="cuda"):
     """Causal random block pattern with ``density`` of ALL blocks kept: diagonal partial
     (causal), kept earlier blocks 80% full / 20% partial."""
@@ -104,8 +123,12 @@ def main(argv=None):
         t_states = bench(lambda: flexsparse.block_mask_from_states(states, seq_lengths=(N, N), block_size=bs, mask_mod=mm, validate=False))
         t_ref = bench(lambda: BlockMask.from_kv_blocks(*kv, BLOCK_SIZE=bs, mask_mod=mm, seq_lengths=(N, N)), warmup=5, rep=50)
         t_cbm = bench(lambda: cbm(mm, B, H, N, N, device="cuda", BLOCK_SIZE=bs), warmup=5, rep=50)
+        g_ours = graph_time(lambda: flexsparse.build_block_mask(*kv, seq_lengths=(N, N), block_size=bs, mask_mod=mm, validate=False))
+        g_ref = graph_time(lambda: BlockMask.from_kv_blocks(*kv, BLOCK_SIZE=bs, mask_mod=mm, seq_lengths=(N, N)))
         row = dict(
             case=f"build B={B} H={H} N={N} block={bs}",
+            ours_cuda_graph_ms=g_ours,
+            from_kv_blocks_cuda_graph_ms=g_ref,
             block=bs,
             density=round(kept, 4),
             ours_ms=t_ours,

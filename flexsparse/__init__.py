@@ -6,7 +6,7 @@ Public surface: block-mask builders (Triton kernels on the GPU), dense reference
 
 __version__ = "0.1.0"
 
-# from flexsparse import reference  (pending)
+from flexsparse import reference  # noqa: F401
 from flexsparse.patterns.blockmask import (
     EMPTY,
     FULL,

@@ -76,72 +76,49 @@ def _scatter_kernel(
 
 
 @triton.jit
-def _write_ordered_chunk(idx_ptr, row_off, rmask, s, value, cols, c0, C, cnt, run, C_CHUNK: tl.constexpr):
-    """Write one chunk of columns of an ordered row: the chunk's selected columns go to the
-    contiguous run ``run ...`` and its unselected ones after the row's ``cnt`` selected ones.
-    A sort of the chunk (selected first, each group ascending) makes both stores contiguous."""
-    BIG: tl.constexpr = 1 << 30
-    sel = s == value
-    key = tl.where(sel, cols, cols + BIG)  # columns past C are never selected: they sort last
-    key = tl.sort(key, dim=1)
-    val = tl.where(key >= BIG, key - BIG, key)
-    k = tl.sum(sel.to(tl.int32), axis=1)
-    t = tl.arange(0, C_CHUNK)[None, :]
-    pos = tl.where(t < k[:, None], run[:, None] + t, cnt[:, None] + (c0 - run[:, None]) + (t - k[:, None]))
-    tl.store(idx_ptr + row_off + pos, val, mask=rmask[:, None] & (t < C - c0))
-    return run + k
-
-
-@triton.jit
-def _compact_tile(
-    states_ptr,
-    num_ptr,
-    idx_ptr,
-    full_num_ptr,
-    full_idx_ptr,
-    flag_ptr,
-    bh,
-    tile,
-    R,
-    C,
-    stride_r,
-    stride_c,
-    R_TILE: tl.constexpr,
-    C_CHUNK: tl.constexpr,
+def _compact_row(
+    states_ptr, num_ptr, idx_ptr, full_num_ptr, full_idx_ptr, flag_ptr,
+    bh, r, R, C, stride_r, stride_c,
+    BLOCK: tl.constexpr,
 ):
-    """Ordered lists for output rows ``tile*R_TILE ...`` of one (batch, head).
+    """Ordered partial and full lists of output row ``r`` of one (batch, head).
 
-    Output row r lists the columns c whose state (at ``r*stride_r + c*stride_c``) is partial
-    (resp. full): selected columns ascending, then the others ascending. Writes 1 to
-    ``flag_ptr`` if a state is outside {0, 1, 2}, else 0.
+    The row reads the states at ``r*stride_r + c*stride_c`` for c < C and lists the partial
+    (resp. full) columns ascending, then the other columns ascending (every position written).
+    Writes 1 to ``flag_ptr`` if a state is outside {0, 1, 2}, else 0.
     """
-    rows = tile * R_TILE + tl.arange(0, R_TILE)
-    rmask = rows < R
-    base = states_ptr + bh * R * C
-    cnt_p = tl.zeros([R_TILE], dtype=tl.int32)
-    cnt_f = tl.zeros([R_TILE], dtype=tl.int32)
-    nbad = tl.zeros([R_TILE], dtype=tl.int32)
-    for c0 in range(0, C, C_CHUNK):
-        cols = c0 + tl.arange(0, C_CHUNK)[None, :]
-        m = rmask[:, None] & (cols < C)
-        s = tl.load(base + rows[:, None] * stride_r + cols * stride_c, mask=m, other=0)
-        cnt_p += tl.sum((s == 1).to(tl.int32), axis=1)
-        cnt_f += tl.sum((s == 2).to(tl.int32), axis=1)
-        nbad += tl.sum(((s < 0) | (s > 2)).to(tl.int32), axis=1)
-    out_rows = bh * R + rows
-    tl.store(num_ptr + out_rows, cnt_p, mask=rmask)
-    tl.store(full_num_ptr + out_rows, cnt_f, mask=rmask)
-    tl.store(flag_ptr, (tl.sum(nbad, axis=0) > 0).to(tl.int32))
-
-    run_p = tl.zeros([R_TILE], dtype=tl.int32)
-    run_f = tl.zeros([R_TILE], dtype=tl.int32)
-    row_off = out_rows.to(tl.int64)[:, None] * C
-    for c0 in range(0, C, C_CHUNK):
-        cols = c0 + tl.arange(0, C_CHUNK)[None, :]
-        m = rmask[:, None] & (cols < C)
-        s = tl.load(base + rows[:, None] * stride_r + cols * stride_c, mask=m, other=0)
-        run_p = _write_ordered_chunk(idx_ptr, row_off, rmask, s, 1, cols, c0, C, cnt_p, run_p, C_CHUNK)
-        run_f = _write_ordered_chunk(full_idx_ptr, row_off, rmask, s, 2, cols, c0, C, cnt_f, run_f, C_CHUNK)
+    base = states_ptr + bh * R * C + r * stride_r
+    out = (bh * R + r).to(tl.int64)
+    zero = tl.sum(tl.zeros([BLOCK], dtype=tl.int32), axis=0)
+    cnt_p = zero
+    cnt_f = zero
+    nbad = zero
+    for c0 in range(0, C, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        s = tl.load(base + cols * stride_c, mask=cols < C, other=0)
+        cnt_p += tl.sum((s == 1).to(tl.int32), axis=0)
+        cnt_f += tl.sum((s == 2).to(tl.int32), axis=0)
+        nbad += tl.sum(((s < 0) | (s > 2)).to(tl.int32), axis=0)
+    tl.store(num_ptr + out, cnt_p)
+    tl.store(full_num_ptr + out, cnt_f)
+    tl.store(flag_ptr, (nbad > 0).to(tl.int32))
+    run_p = zero
+    run_f = zero
+    for c0 in range(0, C, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        m = cols < C
+        s = tl.load(base + cols * stride_c, mask=m, other=0)
+        # selected column -> its rank among selected; other column -> cnt + its rank among others
+        sel = (s == 1).to(tl.int32)
+        before = run_p + tl.cumsum(sel, axis=0) - sel
+        pos = tl.where(sel == 1, before, cnt_p + cols - before)
+        tl.store(idx_ptr + out * C + pos, cols, mask=m)
+        run_p += tl.sum(sel, axis=0)
+        sel = (s == 2).to(tl.int32)
+        before = run_f + tl.cumsum(sel, axis=0) - sel
+        pos = tl.where(sel == 1, before, cnt_f + cols - before)
+        tl.store(full_idx_ptr + out * C + pos, cols, mask=m)
+        run_f += tl.sum(sel, axis=0)
 
 
 @triton.jit
@@ -158,24 +135,22 @@ def _compact_kernel(
     flag_ptr,
     NQ,
     NKV,
-    n_kv_tiles,
-    R_TILE: tl.constexpr,
-    C_CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
+    """One program per output row: rows 0..NQ-1 are the kv lists of query blocks, rows
+    NQ..NQ+NKV-1 the transposed q lists of kv blocks (read in place, strided)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    flag = flag_ptr + bh * tl.num_programs(0) + pid
-    if pid < n_kv_tiles:
-        # rows = query blocks, columns = kv blocks (contiguous)
-        _compact_tile(
+    flag = flag_ptr + bh * (NQ + NKV) + pid
+    if pid < NQ:
+        _compact_row(
             states_ptr, kv_num_ptr, kv_idx_ptr, full_kv_num_ptr, full_kv_idx_ptr, flag,
-            bh, pid, NQ, NKV, NKV, 1, R_TILE, C_CHUNK,
+            bh, pid, NQ, NKV, NKV, 1, BLOCK,
         )
     else:
-        # rows = kv blocks, columns = query blocks: the transpose, read in place
-        _compact_tile(
+        _compact_row(
             states_ptr, q_num_ptr, q_idx_ptr, full_q_num_ptr, full_q_idx_ptr, flag,
-            bh, pid - n_kv_tiles, NKV, NQ, 1, NKV, R_TILE, C_CHUNK,
+            bh, pid - NQ, NKV, NQ, 1, NKV, BLOCK,
         )
 
 
@@ -220,13 +195,9 @@ def scatter_block_lists(
     return states, flags
 
 
-# Tile shape of the compaction kernel: rows per program, columns per step (a power of two).
-# Module-level so tests can change them. Under the CPU interpreter, small tiles are much faster
-# (its sort is slow on wide tiles), so CPU tensors use the _CPU values unless a test overrides.
-_R_TILE = 32
-_C_CHUNK_MAX = 128
-_R_TILE_CPU = 8
-_C_CHUNK_MAX_CPU = 32
+# Columns handled per step by the compaction kernel (a power of two). Module-level so tests can
+# shrink it to exercise the multi-step path on tiny inputs.
+_BLOCK_MAX = 1024
 
 
 def compact_block_states(states: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -239,12 +210,7 @@ def compact_block_states(states: torch.Tensor) -> tuple[tuple[torch.Tensor, ...]
     """
     B, H, nQ, nKV = states.shape
     BH = B * H
-    on_cpu = states.device.type == "cpu"
-    r_tile = _R_TILE_CPU if on_cpu else _R_TILE
-    c_max = _C_CHUNK_MAX_CPU if on_cpu else _C_CHUNK_MAX
-    n_kv_tiles = triton.cdiv(nQ, r_tile)
-    n_tiles = n_kv_tiles + triton.cdiv(nKV, r_tile)
-    sizes = [BH * nQ, BH * nQ * nKV] * 2 + [BH * nKV, BH * nKV * nQ] * 2 + [BH * n_tiles]
+    sizes = [BH * nQ, BH * nQ * nKV] * 2 + [BH * nKV, BH * nKV * nQ] * 2 + [BH * (nQ + nKV)]
     buf = torch.empty(sum(sizes), dtype=torch.int32, device=states.device)
     parts = buf.split(sizes)
     shapes = [(B, H, nQ), (B, H, nQ, nKV)] * 2 + [(B, H, nKV), (B, H, nKV, nQ)] * 2
@@ -253,16 +219,14 @@ def compact_block_states(states: torch.Tensor) -> tuple[tuple[torch.Tensor, ...]
     if BH == 0 or nQ == 0 or nKV == 0:
         buf.zero_()
         return lists, flags
-    c_chunk = max(16, min(c_max, triton.next_power_of_2(max(nQ, nKV))))
-    _compact_kernel[(n_tiles, BH)](
+    block = max(16, min(_BLOCK_MAX, triton.next_power_of_2(max(nQ, nKV))))
+    _compact_kernel[(nQ + nKV, BH)](
         states,
         *lists,
         flags,
         nQ,
         nKV,
-        n_kv_tiles,
-        R_TILE=r_tile,
-        C_CHUNK=c_chunk,
-        num_warps=4,
+        BLOCK=block,
+        num_warps=max(1, min(8, block // 256)),
     )
     return lists, flags
