@@ -19,6 +19,8 @@ whether to read them (a host synchronisation).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -154,26 +156,66 @@ def _compact_kernel(
         )
 
 
+def _align(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def allocate_lists(
+    B: int, H: int, nQ: int, nKV: int, device: torch.device, with_states: bool
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One device allocation holding everything a build writes, carved into views.
+
+    Returns ``(lists, compact_flags, states, scatter_flags)``: the eight int32 contiguous list
+    tensors (``kv_num [B,H,nQ]``, ``kv_idx [B,H,nQ,nKV]``, ``full_kv_*`` alike, ``q_num [B,H,nKV]``,
+    ``q_idx [B,H,nKV,nQ]``, ``full_q_*`` alike), the compaction flags ``[B*H*(nQ+nKV)]``, and,
+    with ``with_states``, an int8 state map ``[B,H,nQ,nKV]`` and scatter flags ``[B*H*nQ]``.
+    Each region starts on a 16-byte boundary. (One allocation and cheap views cost far less
+    host time than a dozen allocations; the build is launch-bound at small sizes.)
+    """
+    BH = B * H
+    shapes = [(B, H, nQ), (B, H, nQ, nKV)] * 2 + [(B, H, nKV), (B, H, nKV, nQ)] * 2
+    shapes += [(BH * (nQ + nKV),)] + ([(BH * nQ,)] if with_states else [])
+    offsets, nbytes = [], 0
+    for shape in shapes:
+        offsets.append(nbytes)
+        nbytes += _align(4 * math.prod(shape))
+    states_off = nbytes
+    if with_states:
+        nbytes += _align(BH * nQ * nKV)
+    raw = torch.empty(max(nbytes, 16), dtype=torch.int8, device=device)
+    i32 = raw.view(torch.int32)
+    views = []
+    for shape, off in zip(shapes, offsets):
+        strides = [1] * len(shape)
+        for d in range(len(shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * shape[d + 1]
+        views.append(i32.as_strided(shape, strides, off // 4))
+    states = None
+    if with_states:
+        states = raw.as_strided((B, H, nQ, nKV), (H * nQ * nKV, nQ * nKV, nKV, 1), states_off)
+    return tuple(views[:8]), views[8], states, (views[9] if with_states else None)
+
+
 def scatter_block_lists(
     kv_num_blocks: torch.Tensor,
     kv_indices: torch.Tensor,
     full_kv_num_blocks: torch.Tensor | None,
     full_kv_indices: torch.Tensor | None,
-    n_kv: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense int8 state map ``[B, H, nQ, n_kv]`` from block lists (inputs already validated).
+    states: torch.Tensor,
+    flags: torch.Tensor,
+) -> None:
+    """Fill the int8 state map ``states [B, H, nQ, nKV]`` from block lists (validated inputs).
 
     ``kv_num_blocks [B,H,nQ]`` and ``kv_indices [B,H,nQ,W]`` are int32 contiguous; the optional
-    full lists likewise. Returns ``(states, flags)``: ``flags`` (int32, one per row) is 1 where
-    a row held an index outside ``[0, n_kv)`` or a count outside ``[0, W]`` (those are skipped).
+    full lists likewise. ``flags`` (int32 ``[B*H*nQ]``) receives 1 where a row held an index
+    outside ``[0, nKV)`` or a count outside ``[0, W]`` (such entries are skipped), else 0.
     """
     B, H, nQ, W = kv_indices.shape
-    dev = kv_indices.device
+    n_kv = states.shape[-1]
     rows = B * H * nQ
-    states = torch.empty(B, H, nQ, n_kv, dtype=torch.int8, device=dev)
-    flags = torch.empty(rows, dtype=torch.int32, device=dev)
     if rows == 0 or n_kv == 0:
-        return states.zero_(), flags.zero_()
+        flags.zero_()
+        return
     has_full = full_kv_indices is not None
     FW = full_kv_indices.shape[-1] if has_full else 0
     block_w = max(16, min(1024, triton.next_power_of_2(max(W, FW, 1))))
@@ -192,7 +234,6 @@ def scatter_block_lists(
         BLOCK_C=max(16, min(1024, triton.next_power_of_2(n_kv))),
         num_warps=1 if max(block_w, n_kv) <= 128 else 4,
     )
-    return states, flags
 
 
 # Columns handled per step by the compaction kernel (a power of two). Module-level so tests can
@@ -200,25 +241,16 @@ def scatter_block_lists(
 _BLOCK_MAX = 1024
 
 
-def compact_block_states(states: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-    """All eight ordered list tensors from a contiguous int8 state map ``[B, H, nQ, nKV]``.
-
-    Returns ``(lists, flags)`` with ``lists = (kv_num, kv_idx, full_kv_num, full_kv_idx, q_num,
-    q_idx, full_q_num, full_q_idx)``, int32 contiguous views of one allocation, ``kv_idx
-    [B,H,nQ,nKV]`` and ``q_idx [B,H,nKV,nQ]``; ``flags`` is nonzero where a state was outside
-    {0, 1, 2} (such states count as empty).
-    """
+def compact_block_states(states: torch.Tensor, lists: tuple[torch.Tensor, ...], flags: torch.Tensor) -> None:
+    """Write the eight ordered list tensors (see :func:`allocate_lists`) from a contiguous int8
+    state map ``[B, H, nQ, nKV]``. ``flags [B*H*(nQ+nKV)]`` receives 1 for each output row that
+    met a state outside {0, 1, 2} (such states count as empty), else 0."""
     B, H, nQ, nKV = states.shape
     BH = B * H
-    sizes = [BH * nQ, BH * nQ * nKV] * 2 + [BH * nKV, BH * nKV * nQ] * 2 + [BH * (nQ + nKV)]
-    buf = torch.empty(sum(sizes), dtype=torch.int32, device=states.device)
-    parts = buf.split(sizes)
-    shapes = [(B, H, nQ), (B, H, nQ, nKV)] * 2 + [(B, H, nKV), (B, H, nKV, nQ)] * 2
-    lists = tuple(p.view(shape) for p, shape in zip(parts, shapes))
-    flags = parts[-1]
     if BH == 0 or nQ == 0 or nKV == 0:
-        buf.zero_()
-        return lists, flags
+        for t in (*lists, flags):
+            t.zero_()
+        return
     block = max(16, min(_BLOCK_MAX, triton.next_power_of_2(max(nQ, nKV))))
     _compact_kernel[(nQ + nKV, BH)](
         states,
@@ -229,4 +261,3 @@ def compact_block_states(states: torch.Tensor) -> tuple[tuple[torch.Tensor, ...]
         BLOCK=block,
         num_warps=max(1, min(8, block // 256)),
     )
-    return lists, flags

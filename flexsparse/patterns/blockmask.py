@@ -163,9 +163,11 @@ def _states_to_lists(states: torch.Tensor, impl: str, validate: bool) -> tuple[t
         if validate and bool(((states < 0) | (states > FULL)).any()):
             raise ValueError("states must hold only EMPTY=0, PARTIAL=1 or FULL=2")
         return _compact_torch(states)
-    from flexsparse.kernels.blockmask import compact_block_states
+    from flexsparse.kernels.blockmask import allocate_lists, compact_block_states
 
-    lists, flags = compact_block_states(states)
+    B, H, nQ, nKV = states.shape
+    lists, flags, _, _ = allocate_lists(B, H, nQ, nKV, states.device, with_states=False)
+    compact_block_states(states, lists, flags)
     if validate:
         _raise_if_flagged(flags, "states must hold only EMPTY=0, PARTIAL=1 or FULL=2")
     return lists
@@ -277,10 +279,12 @@ def build_block_mask(
             raise ValueError(bad_msg)
         lists = _compact_torch(states)
     else:
-        from flexsparse.kernels.blockmask import compact_block_states, scatter_block_lists
+        from flexsparse.kernels.blockmask import allocate_lists, compact_block_states, scatter_block_lists
 
-        states, bad_rows = scatter_block_lists(num, idx, fnum, fidx, nKV)
-        lists, _ = compact_block_states(states)  # states written by the scatter are all valid
+        B, H = idx.shape[:2]
+        lists, flags, states, bad_rows = allocate_lists(B, H, nQ, nKV, idx.device, with_states=True)
+        scatter_block_lists(num, idx, fnum, fidx, states, bad_rows)
+        compact_block_states(states, lists, flags)  # states written by the scatter are all valid
         if validate:
             _raise_if_flagged(bad_rows, bad_msg)
     return _make_block_mask(lists, (q_len, kv_len), (qb, kb), mask_mod)
@@ -306,7 +310,10 @@ def block_states(block_mask: BlockMask, impl: Impl = "auto") -> torch.Tensor:
         return _scatter_torch(num, idx, fnum, fidx, nKV)[0]
     from flexsparse.kernels.blockmask import scatter_block_lists
 
-    return scatter_block_lists(num, idx, fnum, fidx, nKV)[0]
+    B, H, nQ = num.shape
+    states = torch.empty(B, H, nQ, nKV, dtype=torch.int8, device=idx.device)
+    scatter_block_lists(num, idx, fnum, fidx, states, torch.empty(B * H * nQ, dtype=torch.int32, device=idx.device))
+    return states
 
 
 def states_mask_mod(
