@@ -29,7 +29,6 @@ Patterns
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -37,16 +36,16 @@ from torch import Tensor
 __all__ = [
     "attention",
     "causal_mask",
+    "chunk_summaries",
+    "dash_attention",
+    "dash_log_prior",
+    "dash_router",
+    "dash_selection_stats",
+    "drop_mask",
+    "entmax15",
     "hash_mask",
     "hash_sparse_attention",
-    "drop_mask",
     "qk_sparse_attention",
-    "entmax15",
-    "chunk_summaries",
-    "dash_router",
-    "dash_log_prior",
-    "dash_attention",
-    "dash_selection_stats",
 ]
 
 # In x = z/2 units, the entmax support always lies within 1 of the row maximum. Entries below
@@ -83,7 +82,7 @@ def _is_int_tensor(t) -> bool:
     )
 
 
-def _check_device(ref: Tensor, ref_name: str, **others: Optional[Tensor]) -> None:
+def _check_device(ref: Tensor, ref_name: str, **others: Tensor | None) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
             raise ValueError(
@@ -96,7 +95,7 @@ def _check_float(name: str, t, expected: str) -> None:
         raise ValueError(f"{name} must be a floating-point tensor of shape {expected}, got {_shape(t)}")
 
 
-def _check_qkv(q, k, v, *, self_attention: bool) -> Tuple[int, int, int, int, int, int]:
+def _check_qkv(q, k, v, *, self_attention: bool) -> tuple[int, int, int, int, int, int]:
     """Validate ``q [B,Hq,N,D]``, ``k, v [B,Hkv,M,D]``; return ``(B, Hq, Hkv, N, M, D)``."""
     _check_float("q", q, "[B, Hq, N, D]")
     if q.dim() != 4:
@@ -128,7 +127,7 @@ def _check_qkv(q, k, v, *, self_attention: bool) -> Tuple[int, int, int, int, in
     return B, Hq, Hkv, N, M, D
 
 
-def _check_broadcastable(name: str, t: Tensor, target: Tuple[int, ...], names: str) -> None:
+def _check_broadcastable(name: str, t: Tensor, target: tuple[int, ...], names: str) -> None:
     try:
         ok = t.dim() <= len(target) and tuple(torch.broadcast_shapes(t.shape, target)) == tuple(target)
     except RuntimeError:
@@ -157,10 +156,10 @@ def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mask: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    mask: Tensor | None = None,
+    bias: Tensor | None = None,
     *,
-    scale: Optional[float] = None,
+    scale: float | None = None,
 ) -> Tensor:
     """Dense softmax attention with an optional boolean mask and additive bias.
 
@@ -189,7 +188,11 @@ def attention(
             )
         _check_broadcastable("mask", mask, target, "B, Hq, N, M")
     if bias is not None:
-        _check_float("bias", bias, f"broadcastable to {_fmt('B, Hq, N, M', target)}")
+        if not isinstance(bias, Tensor) or not bias.dtype.is_floating_point:
+            raise ValueError(
+                f"bias must be a floating-point tensor broadcastable to {_fmt('B, Hq, N, M', target)}, "
+                f"got {_shape(bias)}"
+            )
         _check_broadcastable("bias", bias, target, "B, Hq, N, M")
     _check_device(q, "q", mask=mask, bias=bias)
     if scale is None:
@@ -219,7 +222,7 @@ def attention(
     return torch.matmul(probs, v_full)
 
 
-def causal_mask(N: int, M: Optional[int] = None, device: Union[str, torch.device, None] = None) -> Tensor:
+def causal_mask(N: int, M: int | None = None, device: str | torch.device | None = None) -> Tensor:
     """Bool ``[N, M]`` (``M`` defaults to ``N``): ``mask[i, j] = i >= j`` (aligned at the start)."""
     if M is None:
         M = N
@@ -243,11 +246,11 @@ def _check_per_token(
     k_t,
     kind: str,
     *,
-    B: Optional[int] = None,
-    Hq: Optional[int] = None,
-    Hkv: Optional[int] = None,
-    N: Optional[int] = None,
-) -> Tuple[int, int, int, int]:
+    B: int | None = None,
+    Hq: int | None = None,
+    Hkv: int | None = None,
+    N: int | None = None,
+) -> tuple[int, int, int, int]:
     """Validate a pair of per-token tensors ``[B, Hq, N]`` / ``[B, Hkv, N]``."""
     is_kind = _is_int_tensor if kind == "integer" else (lambda t: isinstance(t, Tensor) and t.dtype == torch.bool)
 
@@ -287,14 +290,14 @@ def hash_mask(q_buckets: Tensor, k_buckets: Tensor) -> Tensor:
     Returns:
         bool ``[B, Hq, N, N]``; query head h compares with KV head ``h // (Hq // Hkv)``.
     """
-    B, Hq, Hkv, N = _check_per_token("q_buckets", q_buckets, "k_buckets", k_buckets, "integer")
+    _, Hq, Hkv, N = _check_per_token("q_buckets", q_buckets, "k_buckets", k_buckets, "integer")
     kb = _expand_heads(k_buckets, Hq // Hkv)  # [B, Hq, N]
     same = q_buckets[..., :, None] == kb[..., None, :]
     return same & causal_mask(N, device=q_buckets.device)
 
 
 def hash_sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_buckets: Tensor, k_buckets: Tensor, *, scale: Optional[float] = None
+    q: Tensor, k: Tensor, v: Tensor, q_buckets: Tensor, k_buckets: Tensor, *, scale: float | None = None
 ) -> Tensor:
     """Causal attention restricted to keys in the query's bucket (SCFA hash-sparse).
 
@@ -324,14 +327,14 @@ def drop_mask(q_keep: Tensor, k_keep: Tensor) -> Tensor:
     Returns:
         bool ``[B, Hq, N, N]``.
     """
-    B, Hq, Hkv, N = _check_per_token("q_keep", q_keep, "k_keep", k_keep, "bool")
+    _, Hq, Hkv, N = _check_per_token("q_keep", q_keep, "k_keep", k_keep, "bool")
     kk = _expand_heads(k_keep, Hq // Hkv)
     both = q_keep[..., :, None] & kk[..., None, :]
     return both & causal_mask(N, device=q_keep.device)
 
 
 def qk_sparse_attention(
-    q: Tensor, k: Tensor, v: Tensor, q_keep: Tensor, k_keep: Tensor, *, scale: Optional[float] = None
+    q: Tensor, k: Tensor, v: Tensor, q_keep: Tensor, k_keep: Tensor, *, scale: float | None = None
 ) -> Tensor:
     """Causal attention over kept queries and kept keys only (SCFA query/key drop).
 
@@ -355,7 +358,7 @@ def qk_sparse_attention(
 # --------------------------------------------------------------------------------------------
 
 
-def entmax15(z: Tensor, mask: Optional[Tensor] = None, dim: int = -1) -> Tensor:
+def entmax15(z: Tensor, mask: Tensor | None = None, dim: int = -1) -> Tensor:
     """Exact 1.5-entmax along ``dim``: ``p = [z/2 - tau]_+^2`` with ``sum p = 1``.
 
     Sort-based closed form: for the ``k`` largest values ``x_(1..k)`` of ``x = z/2``,
@@ -485,7 +488,7 @@ def dash_router(
     *,
     chunk_size: int = 64,
     gamma: float = 1.0,
-    scale: Optional[float] = None,
+    scale: float | None = None,
 ) -> Tensor:
     """DashAttention stage 1: 1.5-entmax routing over strictly earlier chunks, GQA-averaged.
 
@@ -573,7 +576,7 @@ def dash_log_prior(
     return torch.where(selected, log_p, rest)
 
 
-def dash_selection_stats(log_prior: Tensor, chunk_size: int, N: int) -> Tuple[Tensor, Tensor]:
+def dash_selection_stats(log_prior: Tensor, chunk_size: int, N: int) -> tuple[Tensor, Tensor]:
     """Kept fraction and paper-style sparsity of a DashAttention selection.
 
     A chunk is active for row i when ``c <= c_i`` and its log-prior is not ``-inf``.
@@ -631,7 +634,7 @@ def dash_attention(
     gamma: float = 1.0,
     estimate_diagonal: bool = False,
     sigma: float = 1.0,
-    scale: Optional[float] = None,
+    scale: float | None = None,
     return_aux: bool = False,
 ):
     """DashAttention: chunk summaries -> entmax router -> prior-biased sparse causal softmax.
@@ -654,7 +657,7 @@ def dash_attention(
     """
     C = _check_chunk_size(chunk_size)
     _check_gamma_sigma(gamma, sigma)
-    B, Hq, Hkv, N, _, D = _check_qkv(q, k, v, self_attention=True)
+    _, Hq, Hkv, N, _, D = _check_qkv(q, k, v, self_attention=True)
     _check_w(w, Hkv, D, k)
 
     pbar = dash_router(q, k, w, chunk_size=C, gamma=gamma, scale=scale)

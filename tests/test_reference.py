@@ -599,7 +599,7 @@ def test_dash_attention_matches_loop(Hq, Hkv, N, C, estimate_diagonal, sigma):
     q, k, v = random_qkv(B, Hq, Hkv, N, D, dtype=F64, requires_grad=True)
     w = _rand_w(Hkv, D, requires_grad=True)
     gamma = 1.0 + 3 * torch.rand(()).item()  # large enough for a mix of selected and dropped chunks
-    kw = dict(chunk_size=C, gamma=gamma, estimate_diagonal=estimate_diagonal, sigma=sigma)
+    kw = {"chunk_size": C, "gamma": gamma, "estimate_diagonal": estimate_diagonal, "sigma": sigma}
     out = R.dash_attention(q, k, v, w, **kw)
     ref = _loop_dash(q, k, v, w, C, gamma, estimate_diagonal, sigma)
     _assert_all_close("out", out, ref)
@@ -644,7 +644,7 @@ def test_dash_router_receives_gradient(estimate_diagonal):
     B, Hq, Hkv, N, D, C = 1, 4, 2, 64, 16, 8
     q, k, v = random_qkv(B, Hq, Hkv, N, D, dtype=torch.float32, requires_grad=True)
     w = _rand_w(Hkv, D, dtype=torch.float32, requires_grad=True)
-    kw = dict(chunk_size=C, gamma=2.0, estimate_diagonal=estimate_diagonal, sigma=1.0)
+    kw = {"chunk_size": C, "gamma": 2.0, "estimate_diagonal": estimate_diagonal, "sigma": 1.0}
     out, aux = R.dash_attention(q, k, v, w, return_aux=True, **kw)
     target = torch.randn_like(out)
     loss = ((out - target) ** 2).sum()
