@@ -32,14 +32,15 @@ def main():
     torch.manual_seed(0)
     states = random_pattern(B, H, N // bs, 0.25)
     kv = lists_from_states(states)
-    lists, flags, st2, sflags = K.allocate_lists(B, H, N // bs, N // bs, states.device, with_states=True)
-    K.compact_block_states(states, lists, flags)
+    ws = K.Workspace(B, H, N // bs, N // bs, states.device, with_states=True)
+    K.compact_block_states(states, ws)
+    lists = ws.lists
     steps = {
         "build_block_mask(lists)": lambda: flexsparse.build_block_mask(*kv, seq_lengths=(N, N), block_size=bs, validate=False),
         "block_mask_from_states": lambda: flexsparse.block_mask_from_states(states, seq_lengths=(N, N), block_size=bs, validate=False),
-        "allocate_lists": lambda: K.allocate_lists(B, H, N // bs, N // bs, states.device, with_states=True),
-        "scatter kernel only": lambda: K.scatter_block_lists(*kv, st2, sflags),
-        "compact kernel only": lambda: K.compact_block_states(states, lists, flags),
+        "Workspace (allocation+views)": lambda: K.Workspace(B, H, N // bs, N // bs, states.device, with_states=True),
+        "scatter kernel only": lambda: K.scatter_block_lists(*kv, ws.states, ws.scatter_flags),
+        "compact kernel only": lambda: K.compact_block_states(states, ws),
         "torch.zeros(1)": lambda: torch.zeros(1, dtype=torch.int32, device="cuda"),
         "8 x torch.empty": lambda: [torch.empty(B, H, 128, 128, dtype=torch.int32, device="cuda") for _ in range(8)],
         "BlockMask ctor": lambda: BlockMask((N, N), *lists, (bs, bs), noop_mask),

@@ -123,77 +123,85 @@ def _compact_row(
         run_f += tl.sum(sel, axis=0)
 
 
+# Layout of the one int32 workspace a build writes (element offsets; each region rounded up to 4
+# elements = 16 bytes): kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num,
+# full_q_idx, compaction flags [BH*(nQ+nKV)], scatter flags [BH*nQ]; then the int8 states.
+# The kernel recomputes the same offsets from (BH, nQ, nKV), so it takes one base pointer
+# instead of ten tensors: the host cost of a launch grows with its tensor arguments.
+
+
 @triton.jit
-def _compact_kernel(
-    states_ptr,
-    kv_num_ptr,
-    kv_idx_ptr,
-    full_kv_num_ptr,
-    full_kv_idx_ptr,
-    q_num_ptr,
-    q_idx_ptr,
-    full_q_num_ptr,
-    full_q_idx_ptr,
-    flag_ptr,
-    NQ,
-    NKV,
-    BLOCK: tl.constexpr,
-):
+def _round4(n):
+    return (n + 3) // 4 * 4
+
+
+@triton.jit
+def _compact_kernel(states_ptr, out_ptr, BH, NQ, NKV, BLOCK: tl.constexpr):
     """One program per output row: rows 0..NQ-1 are the kv lists of query blocks, rows
     NQ..NQ+NKV-1 the transposed q lists of kv blocks (read in place, strided)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    flag = flag_ptr + bh * (NQ + NKV) + pid
+    bh_all = BH.to(tl.int64)
+    n_q = _round4(bh_all * NQ)
+    n_kv = _round4(bh_all * NKV)
+    n_map = _round4(bh_all * NQ * NKV)
+    kv_num = out_ptr
+    kv_idx = kv_num + n_q
+    full_kv_num = kv_idx + n_map
+    full_kv_idx = full_kv_num + n_q
+    q_num = full_kv_idx + n_map
+    q_idx = q_num + n_kv
+    full_q_num = q_idx + n_map
+    full_q_idx = full_q_num + n_kv
+    flag = full_q_idx + n_map + bh * (NQ + NKV) + pid
     if pid < NQ:
-        _compact_row(
-            states_ptr, kv_num_ptr, kv_idx_ptr, full_kv_num_ptr, full_kv_idx_ptr, flag,
-            bh, pid, NQ, NKV, NKV, 1, BLOCK,
-        )
+        _compact_row(states_ptr, kv_num, kv_idx, full_kv_num, full_kv_idx, flag, bh, pid, NQ, NKV, NKV, 1, BLOCK)
     else:
-        _compact_row(
-            states_ptr, q_num_ptr, q_idx_ptr, full_q_num_ptr, full_q_idx_ptr, flag,
-            bh, pid - NQ, NKV, NQ, 1, NKV, BLOCK,
-        )
+        _compact_row(states_ptr, q_num, q_idx, full_q_num, full_q_idx, flag, bh, pid - NQ, NKV, NQ, 1, NKV, BLOCK)
 
 
-def _align(n: int) -> int:
-    return -(-n // 16) * 16
+def _round4_host(n: int) -> int:
+    return -(-n // 4) * 4
 
 
-def allocate_lists(
-    B: int, H: int, nQ: int, nKV: int, device: torch.device, with_states: bool
-) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+class Workspace:
     """One device allocation holding everything a build writes, carved into views.
 
-    Returns ``(lists, compact_flags, states, scatter_flags)``: the eight int32 contiguous list
-    tensors (``kv_num [B,H,nQ]``, ``kv_idx [B,H,nQ,nKV]``, ``full_kv_*`` alike, ``q_num [B,H,nKV]``,
-    ``q_idx [B,H,nKV,nQ]``, ``full_q_*`` alike), the compaction flags ``[B*H*(nQ+nKV)]``, and,
-    with ``with_states``, an int8 state map ``[B,H,nQ,nKV]`` and scatter flags ``[B*H*nQ]``.
-    Each region starts on a 16-byte boundary. (One allocation and cheap views cost far less
-    host time than a dozen allocations; the build is launch-bound at small sizes.)
+    Attributes: ``lists`` (the eight int32 contiguous list tensors ``kv_num [B,H,nQ]``,
+    ``kv_idx [B,H,nQ,nKV]``, ``full_kv_*`` alike, ``q_num [B,H,nKV]``, ``q_idx [B,H,nKV,nQ]``,
+    ``full_q_*`` alike), ``compact_flags [B*H*(nQ+nKV)]``, ``scatter_flags [B*H*nQ]`` and
+    ``states`` (int8 ``[B,H,nQ,nKV]``, or None without ``with_states``). One allocation and a
+    few views cost much less host time than a dozen allocations: at 16k tokens the build is
+    bound by host work, not by the GPU.
     """
-    BH = B * H
-    shapes = [(B, H, nQ), (B, H, nQ, nKV)] * 2 + [(B, H, nKV), (B, H, nKV, nQ)] * 2
-    shapes += [(BH * (nQ + nKV),)] + ([(BH * nQ,)] if with_states else [])
-    offsets, nbytes = [], 0
-    for shape in shapes:
-        offsets.append(nbytes)
-        nbytes += _align(4 * math.prod(shape))
-    states_off = nbytes
-    if with_states:
-        nbytes += _align(BH * nQ * nKV)
-    raw = torch.empty(max(nbytes, 16), dtype=torch.int8, device=device)
-    i32 = raw.view(torch.int32)
-    views = []
-    for shape, off in zip(shapes, offsets):
-        strides = [1] * len(shape)
-        for d in range(len(shape) - 2, -1, -1):
-            strides[d] = strides[d + 1] * shape[d + 1]
-        views.append(i32.as_strided(shape, strides, off // 4))
-    states = None
-    if with_states:
-        states = raw.as_strided((B, H, nQ, nKV), (H * nQ * nKV, nQ * nKV, nKV, 1), states_off)
-    return tuple(views[:8]), views[8], states, (views[9] if with_states else None)
+
+    def __init__(self, B: int, H: int, nQ: int, nKV: int, device: torch.device, with_states: bool):
+        BH = B * H
+        self.shape = (B, H, nQ, nKV)
+        n_q, n_kv, n_map = _round4_host(BH * nQ), _round4_host(BH * nKV), _round4_host(BH * nQ * nKV)
+        n_cf, n_sf = _round4_host(BH * (nQ + nKV)), _round4_host(BH * nQ)
+        n_i32 = 2 * n_q + 4 * n_map + 2 * n_kv + n_cf + n_sf
+        n_states = _round4_host(BH * nQ * nKV) if with_states else 0
+        self.raw = torch.empty(4 * n_i32 + n_states, dtype=torch.int8, device=device)
+        i32 = self.raw.view(torch.int32)
+        self.base = i32
+        num_kv = ((B, H, nQ), (H * nQ, nQ, 1), n_q)
+        idx_kv = ((B, H, nQ, nKV), (H * nQ * nKV, nQ * nKV, nKV, 1), n_map)
+        num_q = ((B, H, nKV), (H * nKV, nKV, 1), n_kv)
+        idx_q = ((B, H, nKV, nQ), (H * nKV * nQ, nKV * nQ, nQ, 1), n_map)
+        off = 0
+        views = []
+        for shape, stride, size in (num_kv, idx_kv, num_kv, idx_kv, num_q, idx_q, num_q, idx_q):
+            views.append(i32.as_strided(shape, stride, off))
+            off += size
+        self.lists = tuple(views)
+        self.compact_flags = i32.as_strided((BH * (nQ + nKV),), (1,), off)
+        off += n_cf
+        self.scatter_flags = i32.as_strided((BH * nQ,), (1,), off)
+        off += n_sf
+        self.states = (
+            self.raw.as_strided((B, H, nQ, nKV), (H * nQ * nKV, nQ * nKV, nKV, 1), 4 * off) if with_states else None
+        )
 
 
 def scatter_block_lists(
@@ -241,23 +249,16 @@ def scatter_block_lists(
 _BLOCK_MAX = 1024
 
 
-def compact_block_states(states: torch.Tensor, lists: tuple[torch.Tensor, ...], flags: torch.Tensor) -> None:
-    """Write the eight ordered list tensors (see :func:`allocate_lists`) from a contiguous int8
-    state map ``[B, H, nQ, nKV]``. ``flags [B*H*(nQ+nKV)]`` receives 1 for each output row that
-    met a state outside {0, 1, 2} (such states count as empty), else 0."""
+def compact_block_states(states: torch.Tensor, ws: Workspace) -> None:
+    """Write the eight ordered list tensors of ``ws`` from a contiguous int8 state map
+    ``[B, H, nQ, nKV]``. ``ws.compact_flags`` receives 1 for each output row that met a state
+    outside {0, 1, 2} (such states count as empty), else 0."""
     B, H, nQ, nKV = states.shape
     BH = B * H
     if BH == 0 or nQ == 0 or nKV == 0:
-        for t in (*lists, flags):
-            t.zero_()
+        ws.base.zero_()
         return
     block = max(16, min(_BLOCK_MAX, triton.next_power_of_2(max(nQ, nKV))))
     _compact_kernel[(nQ + nKV, BH)](
-        states,
-        *lists,
-        flags,
-        nQ,
-        nKV,
-        BLOCK=block,
-        num_warps=max(1, min(8, block // 256)),
+        states, ws.base, BH, nQ, nKV, BLOCK=block, num_warps=max(1, min(8, block // 256))
     )

@@ -163,14 +163,13 @@ def _states_to_lists(states: torch.Tensor, impl: str, validate: bool) -> tuple[t
         if validate and bool(((states < 0) | (states > FULL)).any()):
             raise ValueError("states must hold only EMPTY=0, PARTIAL=1 or FULL=2")
         return _compact_torch(states)
-    from flexsparse.kernels.blockmask import allocate_lists, compact_block_states
+    from flexsparse.kernels.blockmask import Workspace, compact_block_states
 
-    B, H, nQ, nKV = states.shape
-    lists, flags, _, _ = allocate_lists(B, H, nQ, nKV, states.device, with_states=False)
-    compact_block_states(states, lists, flags)
+    ws = Workspace(*states.shape, states.device, with_states=False)
+    compact_block_states(states, ws)
     if validate:
-        _raise_if_flagged(flags, "states must hold only EMPTY=0, PARTIAL=1 or FULL=2")
-    return lists
+        _raise_if_flagged(ws.compact_flags, "states must hold only EMPTY=0, PARTIAL=1 or FULL=2")
+    return ws.lists
 
 
 def block_mask_from_states(
@@ -279,14 +278,14 @@ def build_block_mask(
             raise ValueError(bad_msg)
         lists = _compact_torch(states)
     else:
-        from flexsparse.kernels.blockmask import allocate_lists, compact_block_states, scatter_block_lists
+        from flexsparse.kernels.blockmask import Workspace, compact_block_states, scatter_block_lists
 
-        B, H = idx.shape[:2]
-        lists, flags, states, bad_rows = allocate_lists(B, H, nQ, nKV, idx.device, with_states=True)
-        scatter_block_lists(num, idx, fnum, fidx, states, bad_rows)
-        compact_block_states(states, lists, flags)  # states written by the scatter are all valid
+        ws = Workspace(idx.shape[0], idx.shape[1], nQ, nKV, idx.device, with_states=True)
+        scatter_block_lists(num, idx, fnum, fidx, ws.states, ws.scatter_flags)
+        compact_block_states(ws.states, ws)  # states written by the scatter are all valid
         if validate:
-            _raise_if_flagged(bad_rows, bad_msg)
+            _raise_if_flagged(ws.scatter_flags, bad_msg)
+        lists = ws.lists
     return _make_block_mask(lists, (q_len, kv_len), (qb, kb), mask_mod)
 
 
