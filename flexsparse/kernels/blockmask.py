@@ -135,13 +135,13 @@ def _round4(n):
     return (n + 3) // 4 * 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BH", "NQ", "NKV"])
 def _compact_kernel(states_ptr, out_ptr, BH, NQ, NKV, BLOCK: tl.constexpr):
     """One program per output row: rows 0..NQ-1 are the kv lists of query blocks, rows
     NQ..NQ+NKV-1 the transposed q lists of kv blocks (read in place, strided)."""
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    bh_all = BH.to(tl.int64)
+    bh_all = bh * 0 + BH  # int64 (sizes may pass 2**31)
     n_q = _round4(bh_all * NQ)
     n_kv = _round4(bh_all * NKV)
     n_map = _round4(bh_all * NQ * NKV)
