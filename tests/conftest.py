@@ -37,4 +37,5 @@ def _fresh_seed():
     """Fresh random inputs per test, but reproducible from the printed seed on failure."""
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
+    print(f"torch seed {seed}")  # shown with the captured output of a failing test
     yield seed
