@@ -19,15 +19,12 @@ whether to read them (a host synchronisation).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-EMPTY = 0
-PARTIAL = 1
-FULL = 2
+# Block states (flexsparse.patterns.blockmask.EMPTY/PARTIAL/FULL) appear as literals below:
+# 0 empty, 1 partial, 2 full.
 
 
 @triton.jit
