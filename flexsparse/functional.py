@@ -1,0 +1,148 @@
+"""Functional ops: hash-sparse and query/key-drop causal attention.
+
+``backend``:
+
+* ``"reference"``: the dense oracle of :mod:`flexsparse.reference` (any device, autograd,
+  O(N^2) memory).
+* ``"flex"``: reorder q/k/v (differentiable gathers), build the BlockMask with our Triton kernel,
+  run FlexAttention (``torch.compile``-d on CUDA; eager on CPU, where FlexAttention is
+  inference-only: inputs requiring grad raise), and gather the output back to original order.
+  Never falls back silently.
+* ``"auto"``: ``"flex"`` on CUDA; on CPU ``"flex"`` when no gradient is needed, else
+  ``"reference"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import flex_attention
+
+from flexsparse import reference
+from flexsparse.patterns.drop import drop_block_mask
+from flexsparse.patterns.hash import hash_block_mask
+from flexsparse.patterns.permuted import PermutedBlockMask
+from flexsparse.reference import _check_device, _check_per_token, _check_qkv
+
+__all__ = ["hash_sparse_attention", "qk_sparse_attention"]
+
+_BACKENDS = ("auto", "flex", "reference")
+_compiled = None
+
+
+def _compiled_flex():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(flex_attention, dynamic=False)
+    return _compiled
+
+
+def _needs_grad(*ts: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def _choose_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if q.is_cuda or not _needs_grad(q, k, v):
+            return "flex"
+        return "reference"
+    if backend == "flex" and not q.is_cuda and _needs_grad(q, k, v):
+        raise RuntimeError(
+            "backend='flex' on CPU is inference-only (CPU FlexAttention does not support autograd): "
+            "call under torch.no_grad(), detach the inputs, or use backend='reference' (or 'auto')"
+        )
+    return backend
+
+
+def _check_block_size(block_size) -> None:
+    sizes = block_size if isinstance(block_size, (tuple, list)) else (block_size,)
+    if len(sizes) not in (1, 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
+        raise ValueError(f"block_size must be a positive int or a (q_block, kv_block) pair, got {block_size!r}")
+
+
+def _run_flex(q: Tensor, k: Tensor, v: Tensor, pm: PermutedBlockMask, scale: float, kernel_options) -> Tensor:
+    q_s, k_s, v_s = pm.permute_q(q), pm.permute_kv(k), pm.permute_kv(v)
+    fn = _compiled_flex() if q.is_cuda else flex_attention
+    out = fn(
+        q_s, k_s, v_s, block_mask=pm.block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        kernel_options=kernel_options,
+    )
+    return pm.unpermute_q(out)
+
+
+def hash_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_buckets: Tensor,
+    k_buckets: Tensor,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+    block_size: int | tuple[int, int] = 128,
+    kernel_options: dict | None = None,
+) -> Tensor:
+    """Causal attention restricted to keys in the query's bucket (SCFA hash-sparse).
+
+    Args:
+        q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]`` (float, one dtype, ``Hq % Hkv == 0``).
+        q_buckets: integer ``[B, Hq, N]``; k_buckets: integer ``[B, Hkv, N]``.
+        scale: logit scale, default ``1 / sqrt(D)``.
+        backend: ``"auto"``, ``"flex"`` or ``"reference"`` (see the module docstring).
+        block_size: FlexAttention block size (128 on the GPU; any positive size on CPU).
+        kernel_options: passed to ``flex_attention`` (e.g. ``{"BLOCK_M": 64, "BLOCK_N": 64}``,
+            needed for the backward with 64-blocks on the GPU).
+
+    Returns:
+        ``[B, Hq, N, D]`` in ``q.dtype``; a query with no allowed key outputs 0.
+    """
+    B, Hq, Hkv, N, _, D = _check_qkv(q, k, v, self_attention=True)
+    _check_per_token("q_buckets", q_buckets, "k_buckets", k_buckets, "integer", B=B, Hq=Hq, Hkv=Hkv, N=N)
+    _check_device(q, "q", q_buckets=q_buckets, k_buckets=k_buckets)
+    _check_block_size(block_size)
+    backend = _choose_backend(backend, q, k, v)
+    if backend == "reference" or N == 0:  # an empty sequence has no block mask
+        return reference.hash_sparse_attention(q, k, v, q_buckets, k_buckets, scale=scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    pm = hash_block_mask(q_buckets, k_buckets, block_size=block_size)
+    return _run_flex(q, k, v, pm, scale, kernel_options)
+
+
+def qk_sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_keep: Tensor,
+    k_keep: Tensor,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
+    block_size: int | tuple[int, int] = 128,
+    kernel_options: dict | None = None,
+) -> Tensor:
+    """Causal attention over kept queries and kept keys only (SCFA query/key drop).
+
+    Args:
+        q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]``.
+        q_keep: bool ``[B, Hq, N]``; k_keep: bool ``[B, Hkv, N]`` (True = kept).
+        scale, backend, block_size, kernel_options: as in :func:`hash_sparse_attention`.
+
+    Returns:
+        ``[B, Hq, N, D]``. Dropped queries output exactly 0; a kept query whose causal keys were
+        all dropped outputs 0 (never NaN).
+    """
+    B, Hq, Hkv, N, _, D = _check_qkv(q, k, v, self_attention=True)
+    _check_per_token("q_keep", q_keep, "k_keep", k_keep, "bool", B=B, Hq=Hq, Hkv=Hkv, N=N)
+    _check_device(q, "q", q_keep=q_keep, k_keep=k_keep)
+    _check_block_size(block_size)
+    backend = _choose_backend(backend, q, k, v)
+    if backend == "reference" or N == 0:
+        return reference.qk_sparse_attention(q, k, v, q_keep, k_keep, scale=scale)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    pm = drop_block_mask(q_keep, k_keep, block_size=block_size)
+    out = _run_flex(q, k, v, pm, scale, kernel_options)
+    return torch.where(q_keep.unsqueeze(-1), out, out.new_zeros(()))

@@ -1,0 +1,144 @@
+"""Causal self-attention layers for the SCFA patterns: ``x [B, N, dim] -> [B, N, dim]``.
+
+Each layer: one fused qkv projection, optional rotary embedding, GQA (``kv_heads``), the sparse
+attention op of :mod:`flexsparse.functional`, and an output projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flexsparse.functional import hash_sparse_attention, qk_sparse_attention
+
+__all__ = ["HashSparseAttention", "QKSparseAttention"]
+
+
+def _rotary(x: Tensor, base: float) -> Tensor:
+    """Rotary position embedding (rotate-half convention) of ``x [B, H, N, D]`` (D even)."""
+    N, D = x.shape[-2], x.shape[-1]
+    inv = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    ang = torch.arange(N, device=x.device, dtype=torch.float32)[:, None] * inv[None, :]
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
+
+
+class _SparseSelfAttention(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        kv_heads: int | None = None,
+        head_dim: int | None = None,
+        bias: bool = False,
+        rotary: bool = False,
+        rotary_base: float = 10000.0,
+        backend: str = "auto",
+        block_size: int = 128,
+    ):
+        super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
+        if heads < 1 or kv_heads < 1 or heads % kv_heads:
+            raise ValueError(f"heads = {heads} must be a positive multiple of kv_heads = {kv_heads}")
+        if head_dim is None:
+            if dim % heads:
+                raise ValueError(f"dim = {dim} must be divisible by heads = {heads} (or pass head_dim)")
+            head_dim = dim // heads
+        if rotary and head_dim % 2:
+            raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+        self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
+        self.rotary, self.rotary_base = rotary, rotary_base
+        self.backend, self.block_size = backend, block_size
+        self.qkv = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=bias)
+        self.out = nn.Linear(heads * head_dim, dim, bias=bias)
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have shape [B, N, dim] = [B, N, {self.dim}], got {list(x.shape)}")
+        B, N, _ = x.shape
+        D = self.head_dim
+        q, k, v = self.qkv(x).split([self.heads * D, self.kv_heads * D, self.kv_heads * D], -1)
+        q, k, v = (t.view(B, N, -1, D).transpose(1, 2) for t in (q, k, v))
+        if self.rotary:
+            q, k = _rotary(q, self.rotary_base), _rotary(k, self.rotary_base)
+        return q, k, v
+
+    def _finish(self, o: Tensor) -> Tensor:
+        B, _, N, _ = o.shape
+        return self.out(o.transpose(1, 2).reshape(B, N, self.heads * self.head_dim))
+
+
+class HashSparseAttention(_SparseSelfAttention):
+    """Hash-sparse causal self-attention (SCFA) with angular LSH buckets.
+
+    Buckets: ``argmax([xR, -xR])`` with ``R [kv_heads, head_dim, n_buckets/2]`` random unit
+    columns, one per KV head (the query heads of a group share their KV head's R), kept as the
+    buffer ``rotations`` so evaluation is deterministic. ``redraw=True`` draws a fresh R on every
+    call instead (the reference SCFA code's behaviour).
+
+    Args:
+        dim, heads: model width and query heads. kv_heads: KV heads (GQA), default ``heads``.
+        n_buckets: even number of LSH buckets (default 16).
+        redraw: redraw the rotations on every forward.
+        head_dim, bias, rotary, rotary_base, backend, block_size: projection and op options.
+
+    ``forward(x, q_buckets=None, k_buckets=None)``: ``x [B, N, dim]``; buckets may be given.
+    """
+
+    def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, n_buckets: int = 16,
+                 redraw: bool = False, **kwargs):
+        super().__init__(dim, heads, kv_heads=kv_heads, **kwargs)
+        if n_buckets < 2 or n_buckets % 2:
+            raise ValueError(f"n_buckets must be an even integer >= 2, got {n_buckets}")
+        self.n_buckets, self.redraw = n_buckets, redraw
+        self.register_buffer("rotations", self._draw(torch.device("cpu")))
+
+    def _draw(self, device) -> Tensor:
+        r = torch.randn(self.kv_heads, self.head_dim, self.n_buckets // 2, device=device)
+        return r / r.norm(dim=1, keepdim=True)
+
+    def buckets(self, x: Tensor, per_kv_head_rotations: Tensor) -> Tensor:
+        """int32 ``[B, H, N]`` LSH buckets of ``x [B, H, N, D]`` (H a multiple of kv_heads)."""
+        G = x.shape[1] // self.kv_heads
+        r = per_kv_head_rotations.repeat_interleave(G, 0).to(x.dtype)  # [H, D, nb/2]
+        proj = torch.einsum("bhnd,hdr->bhnr", x.detach(), r)
+        return torch.cat([proj, -proj], -1).argmax(-1).to(torch.int32)
+
+    def forward(self, x: Tensor, q_buckets: Tensor | None = None, k_buckets: Tensor | None = None) -> Tensor:
+        q, k, v = self._project(x)
+        if q_buckets is None or k_buckets is None:
+            rot = self._draw(x.device) if self.redraw else self.rotations
+            q_buckets = self.buckets(q, rot) if q_buckets is None else q_buckets
+            k_buckets = self.buckets(k, rot) if k_buckets is None else k_buckets
+        o = hash_sparse_attention(q, k, v, q_buckets, k_buckets, backend=self.backend, block_size=self.block_size)
+        return self._finish(o)
+
+
+class QKSparseAttention(_SparseSelfAttention):
+    """Query/key-drop causal self-attention (SCFA).
+
+    Each call drops every query (per query head) and every key (per KV head) independently with
+    probability ``drop_rate`` (the SCFA paper's random drop), unless keep masks are given. Dropped
+    queries output 0 before the output projection.
+
+    ``forward(x, q_keep=None, k_keep=None)``: ``x [B, N, dim]``; keep masks bool ``[B, heads, N]``
+    and ``[B, kv_heads, N]``.
+    """
+
+    def __init__(self, dim: int, heads: int, *, kv_heads: int | None = None, drop_rate: float = 0.5, **kwargs):
+        super().__init__(dim, heads, kv_heads=kv_heads, **kwargs)
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        self.drop_rate = drop_rate
+
+    def forward(self, x: Tensor, q_keep: Tensor | None = None, k_keep: Tensor | None = None) -> Tensor:
+        q, k, v = self._project(x)
+        B, _, N, _ = q.shape
+        if q_keep is None:
+            q_keep = torch.rand(B, self.heads, N, device=x.device) >= self.drop_rate
+        if k_keep is None:
+            k_keep = torch.rand(B, self.kv_heads, N, device=x.device) >= self.drop_rate
+        o = qk_sparse_attention(q, k, v, q_keep, k_keep, backend=self.backend, block_size=self.block_size)
+        return self._finish(o)
