@@ -18,6 +18,6 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 status=0
 python3 -m pytest -q -x -p no:cacheprovider ${PYTEST_ARGS:-tests} 2>&1 | tee "$OUT/tests.log" || status=1
 for b in ${BENCHES:-benchmarks/bench_blockmask.py}; do
-  python3 "$b" --out "$OUT" 2>&1 | tee "$OUT/$(basename "$b" .py).log" || status=1
+  python3 "$b" --out "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/$(basename "$b" .py).log" || status=1
 done
 exit $status

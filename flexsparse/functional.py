@@ -35,7 +35,7 @@ _compiled = None
 def _compiled_flex():
     global _compiled
     if _compiled is None:
-        _compiled = torch.compile(flex_attention, dynamic=False)
+        _compiled = torch.compile(flex_attention)
     return _compiled
 
 
@@ -122,6 +122,7 @@ def qk_sparse_attention(
     scale: float | None = None,
     backend: str = "auto",
     block_size: int | tuple[int, int] = 128,
+    capacity: int | None = None,
     kernel_options: dict | None = None,
 ) -> Tensor:
     """Causal attention over kept queries and kept keys only (SCFA query/key drop).
@@ -130,6 +131,8 @@ def qk_sparse_attention(
         q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]``.
         q_keep: bool ``[B, Hq, N]``; k_keep: bool ``[B, Hkv, N]`` (True = kept).
         scale, backend, block_size, kernel_options: as in :func:`hash_sparse_attention`.
+        capacity: slots of the compacted problem (see :func:`flexsparse.drop_block_mask`);
+            default: the largest kept count, rounded up (one host synchronisation).
 
     Returns:
         ``[B, Hq, N, D]``. Dropped queries output exactly 0; a kept query whose causal keys were
@@ -143,6 +146,5 @@ def qk_sparse_attention(
     if backend == "reference" or N == 0:
         return reference.qk_sparse_attention(q, k, v, q_keep, k_keep, scale=scale)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    pm = drop_block_mask(q_keep, k_keep, block_size=block_size)
-    out = _run_flex(q, k, v, pm, scale, kernel_options)
-    return torch.where(q_keep.unsqueeze(-1), out, out.new_zeros(()))
+    pm = drop_block_mask(q_keep, k_keep, block_size=block_size, capacity=capacity)
+    return _run_flex(q, k, v, pm, scale, kernel_options)

@@ -22,6 +22,14 @@ def check_permutations(pm, N):
         assert perm.dtype == torch.int64
         assert torch.equal(perm.sort(-1).values, ar.expand_as(perm))
     assert torch.equal(torch.gather(pm.q_perm, -1, pm.q_inv), ar.expand_as(pm.q_perm))
+    assert torch.equal(torch.gather(pm.k_perm, -1, pm.k_inv), ar.expand_as(pm.k_perm))
+    L = pm.length
+    for src, dst in ((pm.q_src, pm.q_dst), (pm.k_src, pm.k_dst)):
+        assert src.shape[-1] == L and dst.shape[-1] == N
+        # src and dst are inverse partial maps: slot s reads row src[s] iff row src[s] goes to s
+        used = src < N
+        assert torch.equal(torch.gather(dst, -1, src.clamp(max=N - 1))[used], torch.arange(L).expand_as(src)[used])
+        assert int(used.sum()) == int((dst < L).sum())
 
 
 def check_block_states(pm, mask_orig, block_size):
@@ -29,6 +37,10 @@ def check_block_states(pm, mask_orig, block_size):
     the mask_mod equals the permuted original mask; the lists match the states."""
     B, Hq, N, _ = mask_orig.shape
     dense = sorted_dense_mask(mask_orig, pm)
+    L = pm.length
+    # slots past the capacity L hold no allowed pair (dropped tokens only)
+    assert not dense[..., L:, :].any() and not dense[..., :, L:].any()
+    dense, N = dense[..., :L, :L].contiguous(), L
     got = create_mask(pm.block_mask.mask_mod, B, Hq, N, N, device="cpu")
     assert torch.equal(got, dense), "mask_mod differs from the permuted original mask"
     n = -(-N // block_size)

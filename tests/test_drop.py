@@ -12,6 +12,7 @@ import flexsparse
 from flexsparse import EMPTY, FULL, PARTIAL, block_states, drop_block_mask, qk_sparse_attention
 from flexsparse import reference as ref
 from flexsparse.patterns.drop import compact_kept
+from flexsparse.patterns import permuted
 from flexsparse.testing import assert_close_to_ref, random_qkv
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -57,7 +58,10 @@ def test_block_states_vs_brute_force(B, Hq, Hkv, N, bs, kind):
     check_permutations(pm, N)
     check_block_states(pm, ref.drop_mask(qk, kk), bs)
     assert torch.equal(drop_block_mask(qk, kk, block_size=bs, impl="torch").states, pm.states)
-    n = -(-N // bs)
+    L = pm.length
+    most = int(max(qk.sum(-1).max(), kk.sum(-1).max()))
+    assert most <= L <= N and (L == N or L % bs == 0)
+    n = -(-L // bs)
     if kind == "none_dropped":  # plain causal: the classification is exact
         i = torch.arange(n)
         want = torch.where(i[:, None] > i[None, :], FULL, torch.where(i[:, None] == i[None, :], PARTIAL, EMPTY))
@@ -71,7 +75,7 @@ def test_block_states_vs_brute_force(B, Hq, Hkv, N, bs, kind):
         assert (pm.states[:, -(Hq // Hkv):] == EMPTY).all()
     # blocks made only of dropped slots are empty
     q_dead = (pm.q_pos < 0)
-    q_dead = torch.nn.functional.pad(q_dead, (0, n * bs - N), value=True).view(B, Hq, n, bs).all(-1)
+    q_dead = torch.nn.functional.pad(q_dead, (0, n * bs - L), value=True).view(B, Hq, n, bs).all(-1)
     assert (pm.states[q_dead] == EMPTY).all()
     q, k, v = random_qkv(B, Hq, Hkv, N, 16, dtype=torch.float64)
     with torch.no_grad():
@@ -94,12 +98,16 @@ def test_compaction_is_stable():
     assert torch.equal(pos, torch.where(kept_slot, perm, -1).int())
 
 
-def test_permutation_gradients_through_sorted_reference():
+@pytest.mark.parametrize("gather", ["triton", "torch"])
+def test_permutation_gradients_through_sorted_reference(gather, monkeypatch):
     B, Hq, Hkv, N, D = 2, 4, 2, 45, 8
     qk, kk = keeps("half", B, Hq, Hkv, N)
     pm = drop_block_mask(qk, kk, block_size=16)
     q, k, v = random_qkv(B, Hq, Hkv, N, D, dtype=torch.float64, requires_grad=True)
-    mask_s = sorted_dense_mask(ref.drop_mask(qk, kk), pm)
+    if gather == "torch":
+        monkeypatch.setattr(permuted, "_use_triton_gather", lambda x: False)
+    L = pm.length
+    mask_s = sorted_dense_mask(ref.drop_mask(qk, kk), pm)[..., :L, :L]
     out = pm.unpermute_q(ref.attention(pm.permute_q(q), pm.permute_kv(k), pm.permute_kv(v), mask=mask_s))
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
@@ -236,3 +244,25 @@ def test_gpu_mask_build_128k():
     pm = drop_block_mask(qk, kk, block_size=128)
     assert torch.equal(pm.states, drop_block_mask(qk, kk, block_size=128, impl="torch").states)
     assert torch.equal(block_states(pm.block_mask), pm.states)
+
+
+def test_capacity_trims_the_dropped_tail_and_is_checked():
+    B, Hq, Hkv, N, bs = 1, 2, 1, 256, 16
+    qk, kk = torch.rand(B, Hq, N) < 0.2, torch.rand(B, Hkv, N) < 0.2
+    most = int(max(qk.sum(-1).max(), kk.sum(-1).max()))
+    pm = drop_block_mask(qk, kk, block_size=bs)
+    assert pm.length == -(-most // bs) * bs  # N/16 = 16 = one block of rounding
+    assert pm.block_mask.seq_lengths == (pm.length, pm.length)
+    assert pm.states.shape == (B, Hq, pm.length // bs, pm.length // bs)
+    pm2 = drop_block_mask(qk, kk, block_size=bs, capacity=most)
+    assert pm2.length == most
+    with pytest.raises(ValueError, match="smaller than the largest kept count"):
+        drop_block_mask(qk, kk, block_size=bs, capacity=most - 1)
+    with pytest.raises(ValueError, match="capacity must be an int"):
+        drop_block_mask(qk, kk, block_size=bs, capacity=N + 1)
+    q, k, v = random_qkv(B, Hq, Hkv, N, 8, dtype=torch.float64)
+    want = ref.qk_sparse_attention(q, k, v, qk, kk)
+    for c in (None, most, N):
+        got = flexsparse.qk_sparse_attention(q, k, v, qk, kk, backend="flex", block_size=bs, capacity=c)
+        assert_close_to_ref("out", got, want, floor=1e-10)
+        assert (got[~qk] == 0).all()

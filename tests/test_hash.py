@@ -12,6 +12,7 @@ import flexsparse
 from flexsparse import EMPTY, FULL, PARTIAL, block_states, hash_block_mask, hash_sparse_attention
 from flexsparse import reference as ref
 from flexsparse.patterns.hash import sort_by_bucket
+from flexsparse.patterns import permuted
 from flexsparse.testing import assert_close_to_ref, random_qkv
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -84,13 +85,16 @@ def test_tight_on_disjoint_buckets():
     assert int(pm.block_mask.kv_num_blocks.sum()) == 0
 
 
-def test_permutation_gradients_through_sorted_reference():
+@pytest.mark.parametrize("gather", ["triton", "torch"])
+def test_permutation_gradients_through_sorted_reference(gather, monkeypatch):
     """Gather q/k/v into sorted order, attend there with the sorted dense mask, gather back:
     forward and every gradient equal the reference in original order (float64)."""
     B, Hq, Hkv, N, D = 2, 4, 2, 45, 8
     qb, kb = torch.randint(0, 3, (B, Hq, N)), torch.randint(0, 3, (B, Hkv, N))
     pm = hash_block_mask(qb, kb, block_size=16)
     q, k, v = random_qkv(B, Hq, Hkv, N, D, dtype=torch.float64, requires_grad=True)
+    if gather == "torch":
+        monkeypatch.setattr(permuted, "_use_triton_gather", lambda x: False)
     mask_s = sorted_dense_mask(ref.hash_mask(qb, kb), pm)
     out = pm.unpermute_q(ref.attention(pm.permute_q(q), pm.permute_kv(k), pm.permute_kv(v), mask=mask_s))
     do = torch.randn_like(out)
