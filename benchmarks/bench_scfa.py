@@ -32,8 +32,6 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flexsparse  # noqa: E402
-from flexsparse.patterns.drop import compact_kept  # noqa: E402
-from flexsparse.patterns.hash import sort_by_bucket  # noqa: E402
 from flexsparse.patterns.permuted import make_mask_mod  # noqa: E402
 
 console = Console(width=160)
@@ -111,8 +109,8 @@ def plain_flex_hash(qb, kb):
 
     def op(q, k, v):
         B, H, N, _ = q.shape
-        q_perm, qbs = sort_by_bucket(qb)
-        k_perm, kbs = sort_by_bucket(kb)
+        qbs, q_perm = torch.sort(qb, dim=-1, stable=True)
+        kbs, k_perm = torch.sort(kb, dim=-1, stable=True)
         mm = make_mask_mod(q_perm.int(), k_perm.int(), q.shape[1] // k.shape[1], qbs, kbs)
         bm = cbm_c(mm, B, H, N, N, device="cuda")
         o = flex_c(_gather(q, q_perm), _gather(k, k_perm), _gather(v, k_perm), block_mask=bm)
@@ -124,8 +122,12 @@ def plain_flex_hash(qb, kb):
 def plain_flex_drop(qk, kk):
     def op(q, k, v):
         B, H, N, _ = q.shape
-        q_perm, q_pos = compact_kept(qk, -1)
-        k_perm, k_pos = compact_kept(kk, N)
+        q_perm = torch.sort((~qk).to(torch.uint8), dim=-1, stable=True)[1]
+        k_perm = torch.sort((~kk).to(torch.uint8), dim=-1, stable=True)[1]
+        n_q, n_k = qk.sum(-1, keepdim=True), kk.sum(-1, keepdim=True)
+        slots = torch.arange(N, device=qk.device)
+        q_pos = torch.where(slots < n_q, q_perm, -1).int()
+        k_pos = torch.where(slots < n_k, k_perm, N).int()
         mm = make_mask_mod(q_pos, k_pos, q.shape[1] // k.shape[1], None, None)
         bm = cbm_c(mm, B, H, N, N, device="cuda")
         o = flex_c(_gather(q, q_perm), _gather(k, k_perm), _gather(v, k_perm), block_mask=bm)
@@ -172,7 +174,7 @@ def run_shape(B, H, D, N, buckets, drops, baselines, plain, rows, modes=("fwd", 
         for mode in modes:
             fwd, fb = fwd_and_fwdbwd(op, q, k, v, do)
             t = time_ms(fwd if mode == "fwd" else fb)
-            row = dict(**shape, pattern=pattern, param=param, method="flexsparse", mode=mode, ms=t,
+            row = dict(**shape, pattern=pattern, param=param, method="flexsparse", mode=mode, ms=t, slots=pm.length,
                        build_ms=build_ms, build_share=build_ms / t, kept_blocks=round(frac, 4), full_blocks=round(full, 4))
             for (name, m), td in dense.items():
                 if m == mode:
@@ -192,12 +194,15 @@ def run_shape(B, H, D, N, buckets, drops, baselines, plain, rows, modes=("fwd", 
     for nb in buckets:
         qb = torch.randint(0, nb, (B, H, N), device="cuda", dtype=torch.int32)
         kb = torch.randint(0, nb, (B, H, N), device="cuda", dtype=torch.int32)
-        pm = flexsparse.hash_block_mask(qb, kb)
+        # ids in [0, nb) as the HashSparseAttention module produces them: counting sort, aligned
+        # buckets where cheap, no validation sync (the module's path)
+        kw = {"n_buckets": nb, "validate": False}
+        pm = flexsparse.hash_block_mask(qb, kb, **kw)
 
         def op(q, k, v, qb=qb, kb=kb):
-            return flexsparse.hash_sparse_attention(q, k, v, qb, kb, backend="flex")
+            return flexsparse.hash_sparse_attention(q, k, v, qb, kb, backend="flex", **kw)
 
-        record("hash", nb, pm, op, plain_flex_hash(qb, kb), lambda qb=qb, kb=kb: flexsparse.hash_block_mask(qb, kb))
+        record("hash", nb, pm, op, plain_flex_hash(qb, kb), lambda qb=qb, kb=kb: flexsparse.hash_block_mask(qb, kb, **kw))
     for rate in drops:
         qk = torch.rand(B, H, N, device="cuda") >= rate
         kk = torch.rand(B, H, N, device="cuda") >= rate
@@ -224,7 +229,7 @@ def profile_headline():
     qk = torch.rand(B, H, N, device="cuda") >= 0.8
     kk = torch.rand(B, H, N, device="cuda") >= 0.8
     cases = {
-        "hash16": lambda: flexsparse.hash_sparse_attention(q, k, v, qb, kb, backend="flex"),
+        "hash16": lambda: flexsparse.hash_sparse_attention(q, k, v, qb, kb, backend="flex", n_buckets=16, validate=False),
         "drop0.8": lambda: flexsparse.qk_sparse_attention(q, k, v, qk, kk, backend="flex"),
     }
     for name, op in cases.items():
@@ -239,12 +244,47 @@ def profile_headline():
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
 
 
+TUNE_VARIANTS = {
+    "default": None,
+    "tma": {"USE_TMA": True},
+    "bwd64x64w4": {"bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64, "bwd_num_warps": 4},
+    "fwd128x64w8": {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_warps": 8},
+}
+
+
+def tune_headline(rows):
+    """FlexAttention kernel options on the headline shape, fwd+bwd end to end."""
+    B, H, D, N = 4, 48, 64, 16384
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    qb = torch.randint(0, 16, (B, H, N), device="cuda", dtype=torch.int32)
+    kb = torch.randint(0, 16, (B, H, N), device="cuda", dtype=torch.int32)
+    qk = torch.rand(B, H, N, device="cuda") >= 0.8
+    kk = torch.rand(B, H, N, device="cuda") >= 0.8
+    for name, opts in TUNE_VARIANTS.items():
+        cases = {
+            "hash16": lambda q, k, v: flexsparse.hash_sparse_attention(
+                q, k, v, qb, kb, backend="flex", n_buckets=16, validate=False, kernel_options=opts),
+            "drop0.8": lambda q, k, v: flexsparse.qk_sparse_attention(q, k, v, qk, kk, backend="flex", kernel_options=opts),
+        }
+        for case, op in cases.items():
+            fwd, fb = fwd_and_fwdbwd(op, q, k, v, do)
+            try:
+                t_f, t_fb = time_ms(fwd), time_ms(fb)
+            except Exception as e:  # noqa: BLE001
+                console.print(f"[yellow]tune {name} {case} failed: {type(e).__name__}: {str(e)[:300]}[/]")
+                continue
+            rows.append({"B": B, "H": H, "D": D, "N": N, "pattern": "tune", "case": case, "variant": name,
+                         "options": opts, "fwd_ms": t_f, "fwd+bwd_ms": t_fb})
+            console.print(rows[-1])
+
+
 def check_headline(rows):
     """The issue's targets, at B=4 H=48 D=64 S=16k fwd+bwd."""
     out = []
     for pattern, param, target in (("hash", 16, 4.0), ("drop", 0.8, 10.0), ("drop", 0.5, 3.0)):
         for r in rows:
-            if (r.get("pattern"), r.get("param"), r.get("mode"), r["B"], r["H"], r["D"], r["N"]) == (
+            if (r.get("pattern"), r.get("param"), r.get("mode"), r.get("B"), r.get("H"), r.get("D"), r.get("N")) == (
                 pattern, param, "fwd+bwd", 4, 48, 64, 16384
             ):
                 x = r.get("x_vs_sdpa_cudnn", float("nan"))
@@ -263,7 +303,7 @@ def table(rows, title):
         return "" if x is None else f"{x:.{p}f}"
 
     for r in rows:
-        if r["pattern"] == "dense":
+        if r["pattern"] in ("dense", "tune"):
             continue
         t.add_row(
             f"B{r['B']} H{r['H']} D{r['D']} N{r['N']}", f"{r['pattern']} {r['param']}", r["mode"], f(r["ms"], 3),
@@ -279,6 +319,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--full", action="store_true", help="the whole grid of the issue, plus 128k")
     ap.add_argument("--profile", action="store_true", help="profile the headline fwd+bwd")
+    ap.add_argument("--tune", action="store_true", help="try FlexAttention kernel options (headline shape)")
+    ap.add_argument("--only-tune", action="store_true")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain FlexAttention recipe")
     args = ap.parse_args(argv)
     assert torch.cuda.is_available(), "GPU benchmark"
@@ -292,7 +334,11 @@ def main(argv=None):
     rows: list[dict] = []
     if args.profile:
         profile_headline()
-    if not args.full:
+    if args.tune or args.only_tune:
+        tune_headline(rows)
+    if args.only_tune:
+        pass
+    elif not args.full:
         run_shape(4, 48, 64, 16384, [16], [0.8, 0.5], True, not args.no_plain, rows)
     else:
         for (B, H, D) in ((4, 48, 64), (1, 16, 128)):

@@ -83,8 +83,11 @@ def hash_sparse_attention(
     *,
     scale: float | None = None,
     backend: str = "auto",
+    n_buckets: int | None = None,
+    align: bool | None = None,
     block_size: int | tuple[int, int] = 128,
     kernel_options: dict | None = None,
+    validate: bool | None = None,
 ) -> Tensor:
     """Causal attention restricted to keys in the query's bucket (SCFA hash-sparse).
 
@@ -93,6 +96,12 @@ def hash_sparse_attention(
         q_buckets: integer ``[B, Hq, N]``; k_buckets: integer ``[B, Hkv, N]``.
         scale: logit scale, default ``1 / sqrt(D)``.
         backend: ``"auto"``, ``"flex"`` or ``"reference"`` (see the module docstring).
+        n_buckets: the number of buckets when every id lies in ``[0, n_buckets)``: enables the
+            fast Triton counting sort and bucket alignment (see :func:`flexsparse.hash_block_mask`).
+            Strongly recommended on the GPU.
+        align: start each bucket at a block boundary (default: when cheap; needs ``n_buckets``).
+        validate: check the bucket ids against ``n_buckets`` (one host synchronisation; default
+            True except while compiling or capturing).
         block_size: FlexAttention block size (128 on the GPU; any positive size on CPU).
         kernel_options: passed to ``flex_attention`` (e.g. ``{"BLOCK_M": 64, "BLOCK_N": 64}``,
             needed for the backward with 64-blocks on the GPU).
@@ -108,7 +117,9 @@ def hash_sparse_attention(
     if backend == "reference" or N == 0:  # an empty sequence has no block mask
         return reference.hash_sparse_attention(q, k, v, q_buckets, k_buckets, scale=scale)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    pm = hash_block_mask(q_buckets, k_buckets, block_size=block_size)
+    pm = hash_block_mask(
+        q_buckets, k_buckets, n_buckets=n_buckets, align=align, block_size=block_size, validate=validate
+    )
     return _run_flex(q, k, v, pm, scale, kernel_options)
 
 

@@ -108,11 +108,18 @@ class HashSparseAttention(_SparseSelfAttention):
 
     def forward(self, x: Tensor, q_buckets: Tensor | None = None, k_buckets: Tensor | None = None) -> Tensor:
         q, k, v = self._project(x)
+        given = q_buckets is not None or k_buckets is not None
         if q_buckets is None or k_buckets is None:
             rot = self._draw(x.device) if self.redraw else self.rotations
             q_buckets = self.buckets(q, rot) if q_buckets is None else q_buckets
             k_buckets = self.buckets(k, rot) if k_buckets is None else k_buckets
-        o = hash_sparse_attention(q, k, v, q_buckets, k_buckets, backend=self.backend, block_size=self.block_size)
+        if given:  # user buckets: any ids
+            o = hash_sparse_attention(q, k, v, q_buckets, k_buckets, backend=self.backend, block_size=self.block_size)
+        else:  # our LSH ids lie in [0, n_buckets): fast counting sort, no validation needed
+            o = hash_sparse_attention(
+                q, k, v, q_buckets, k_buckets, backend=self.backend, block_size=self.block_size,
+                n_buckets=self.n_buckets, validate=False,
+            )
         return self._finish(o)
 
 

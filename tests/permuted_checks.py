@@ -1,4 +1,4 @@
-"""Shared checks for the permuted patterns (hash, drop): brute-force block classification."""
+"""Shared checks for the permuted patterns (hash, drop): layouts and brute-force block classes."""
 
 import torch
 from torch.nn.attention.flex_attention import create_mask
@@ -7,52 +7,81 @@ from flexsparse import EMPTY, FULL, block_states
 
 
 def sorted_dense_mask(mask_orig, pm):
-    """Element mask ``[B, Hq, N, N]`` in sorted coordinates, read off the mask in original
-    positions through the permutations (independent of the pattern's mask_mod)."""
+    """Element mask ``[B, Hq, L, L]`` in sorted coordinates, read off the mask in original
+    positions through the layouts (independent of the pattern's mask_mod); empty slots mask all."""
     B, Hq, N, _ = mask_orig.shape
-    G = Hq // pm.k_perm.shape[1]
-    kp = pm.k_perm.repeat_interleave(G, dim=1)  # [B, Hq, N]
-    rows = torch.gather(mask_orig, 2, pm.q_perm.unsqueeze(-1).expand(B, Hq, N, N))
-    return torch.gather(rows, 3, kp.unsqueeze(2).expand(B, Hq, N, N))
+    G = pm.groups
+    L = pm.length
+    qs = pm.q_src.long()
+    ks = pm.k_src.long().repeat_interleave(G, dim=1)  # [B, Hq, L]
+    padded = torch.nn.functional.pad(mask_orig, (0, 1, 0, 1), value=False)  # index N = empty slot
+    rows = torch.gather(padded, 2, qs.unsqueeze(-1).expand(B, Hq, L, N + 1))
+    return torch.gather(rows, 3, ks.unsqueeze(2).expand(B, Hq, L, L))
 
 
 def check_permutations(pm, N):
-    ar = torch.arange(N)
-    for perm in (pm.q_perm, pm.k_perm):
-        assert perm.dtype == torch.int64
-        assert torch.equal(perm.sort(-1).values, ar.expand_as(perm))
-    assert torch.equal(torch.gather(pm.q_perm, -1, pm.q_inv), ar.expand_as(pm.q_perm))
-    assert torch.equal(torch.gather(pm.k_perm, -1, pm.k_inv), ar.expand_as(pm.k_perm))
+    """src/dst are inverse partial maps, positions match src, empty slots carry invalid ones."""
     L = pm.length
-    for src, dst in ((pm.q_src, pm.q_dst), (pm.k_src, pm.k_dst)):
-        assert src.shape[-1] == L and dst.shape[-1] == N
-        # src and dst are inverse partial maps: slot s reads row src[s] iff row src[s] goes to s
+    assert pm.seq_len == N
+    for src, dst, pos, bad in ((pm.q_src, pm.q_dst, pm.q_pos, -1), (pm.k_src, pm.k_dst, pm.k_pos, N)):
+        assert src.dtype == dst.dtype == pos.dtype == torch.int32
+        assert src.shape[-1] == L and dst.shape[-1] == N and pos.shape == src.shape
         used = src < N
-        assert torch.equal(torch.gather(dst, -1, src.clamp(max=N - 1))[used], torch.arange(L).expand_as(src)[used])
+        assert ((src >= 0) & (src <= N)).all() and ((dst >= 0) & (dst <= L)).all()
+        got = torch.gather(dst.long(), -1, src.long().clamp(max=N - 1))
+        assert torch.equal(got[used], torch.arange(L).expand_as(src)[used])
         assert int(used.sum()) == int((dst < L).sum())
+        assert torch.equal(pos, torch.where(used, src, bad))
+        # time order inside each run of equal buckets (stable sort)
+        valid_next = used[..., 1:] & used[..., :-1]
+        same = valid_next
+        bucket = pm.q_bucket if pos is pm.q_pos else pm.k_bucket
+        if bucket is not None:
+            same = same & (bucket[..., 1:] == bucket[..., :-1])
+        assert (src[..., 1:] > src[..., :-1])[same].all()
 
 
 def check_block_states(pm, mask_orig, block_size):
-    """Every EMPTY block has no allowed pair, every FULL block is all allowed (in-range part);
-    the mask_mod equals the permuted original mask; the lists match the states."""
+    """Every EMPTY block has no allowed pair, every FULL block is all allowed on its valid
+    (non-empty, in-range) query rows and has no empty key slot; the mask_mod equals the
+    permuted original mask; the lists match the states."""
     B, Hq, N, _ = mask_orig.shape
     dense = sorted_dense_mask(mask_orig, pm)
     L = pm.length
-    # slots past the capacity L hold no allowed pair (dropped tokens only)
-    assert not dense[..., L:, :].any() and not dense[..., :, L:].any()
-    dense, N = dense[..., :L, :L].contiguous(), L
-    got = create_mask(pm.block_mask.mask_mod, B, Hq, N, N, device="cpu")
+    got = create_mask(pm.block_mask.mask_mod, B, Hq, L, L, device="cpu")
     assert torch.equal(got, dense), "mask_mod differs from the permuted original mask"
-    n = -(-N // block_size)
-    pad = n * block_size - N
+    n = -(-L // block_size)
+    pad = n * block_size - L
     allowed = torch.nn.functional.pad(dense, (0, pad, 0, pad), value=False)
-    in_range = torch.nn.functional.pad(torch.ones(N, N, dtype=torch.bool), (0, pad, 0, pad), value=False)
+    q_ok = torch.nn.functional.pad(pm.q_src < N, (0, pad), value=False)  # [B, Hq, n*bs] real query rows
+    k_empty = torch.nn.functional.pad(pm.k_src == N, (0, pad), value=False).repeat_interleave(pm.groups, dim=1)
     blocks = allowed.view(B, Hq, n, block_size, n, block_size)
     any_ = blocks.any(-1).any(-2)
-    all_ = (blocks | ~in_range.view(n, block_size, n, block_size)).all(-1).all(-2)
+    # rows that are empty slots or out of range do not matter; columns must all be allowed
+    col_range = torch.ones(n * block_size, dtype=torch.bool)
+    col_range[L:] = False
+    ok_elem = allowed | ~q_ok.unsqueeze(-1) | ~col_range
+    all_ = ok_elem.view(B, Hq, n, block_size, n, block_size).all(-1).all(-2)
+    has_empty_key = k_empty.view(B, Hq, n, block_size).any(-1)  # [B, Hq, nKV]
     st = pm.states
     assert st.shape == (B, Hq, n, n) and st.dtype == torch.int8
     assert not (any_ & (st == EMPTY)).any(), "an EMPTY block holds an allowed pair"
-    assert (all_ | (st != FULL)).all(), "a FULL block holds a masked pair"
+    assert (all_ | (st != FULL)).all(), "a FULL block holds a masked pair on a real query row"
+    assert not ((st == FULL) & has_empty_key.unsqueeze(2)).any(), "a FULL block holds an empty key slot"
     assert torch.equal(block_states(pm.block_mask, impl="torch"), st)
     return any_, all_
+
+
+def build_checked(builder, a, b, device, **kw):
+    """Build with the Triton kernels on ``device`` and with PyTorch on the CPU: identical
+    layouts, states and block lists. Returns the CPU build (for brute-force checks)."""
+    pm_t = builder(a.to(device), b.to(device), impl="triton", **kw)
+    pm = builder(a, b, impl="torch", **kw)
+    for name in ("q_src", "k_src", "q_dst", "k_dst", "q_pos", "k_pos", "q_bucket", "k_bucket", "states"):
+        x, y = getattr(pm_t, name), getattr(pm, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert torch.equal(x.cpu(), y), name
+    for x, y in zip(pm_t.block_mask.as_tuple()[2:10], pm.block_mask.as_tuple()[2:10]):
+        assert torch.equal(x.cpu(), y)
+    return pm

@@ -5,13 +5,12 @@ import os
 
 import pytest
 import torch
-from permuted_checks import check_block_states, check_permutations, sorted_dense_mask
+from permuted_checks import build_checked, check_block_states, check_permutations, sorted_dense_mask
 from torch.nn.attention.flex_attention import flex_attention
 
 import flexsparse
 from flexsparse import EMPTY, FULL, PARTIAL, block_states, drop_block_mask, qk_sparse_attention
 from flexsparse import reference as ref
-from flexsparse.patterns.drop import compact_kept
 from flexsparse.patterns import permuted
 from flexsparse.testing import assert_close_to_ref, random_qkv
 
@@ -52,12 +51,11 @@ CASES = [  # B, Hq, Hkv, N, block_size, kind
 
 @pytest.mark.triton
 @pytest.mark.parametrize("B,Hq,Hkv,N,bs,kind", CASES)
-def test_block_states_vs_brute_force(B, Hq, Hkv, N, bs, kind):
+def test_block_states_vs_brute_force(B, Hq, Hkv, N, bs, kind, device):
     qk, kk = keeps(kind, B, Hq, Hkv, N)
-    pm = drop_block_mask(qk, kk, block_size=bs, impl="triton")
+    pm = build_checked(drop_block_mask, qk, kk, device, block_size=bs)
     check_permutations(pm, N)
     check_block_states(pm, ref.drop_mask(qk, kk), bs)
-    assert torch.equal(drop_block_mask(qk, kk, block_size=bs, impl="torch").states, pm.states)
     L = pm.length
     most = int(max(qk.sum(-1).max(), kk.sum(-1).max()))
     assert most <= L <= N and (L == N or L % bs == 0)
@@ -85,17 +83,17 @@ def test_block_states_vs_brute_force(B, Hq, Hkv, N, bs, kind):
     assert_close_to_ref("out", pm.unpermute_q(out), want, floor=1e-10)
 
 
-def test_compaction_is_stable():
+def test_compaction_is_stable(device):
     keep = torch.rand(3, 2, 70) < 0.4
-    perm, pos = compact_kept(keep, -1)
+    pm = build_checked(drop_block_mask, keep, keep[:, :1].contiguous(), device, block_size=16, capacity=70)
     count = keep.sum(-1, keepdim=True)
     slot = torch.arange(70)
     kept_slot = slot < count
-    assert torch.equal(torch.gather(keep, -1, perm), kept_slot.expand_as(keep))
-    inc = perm[..., 1:] > perm[..., :-1]
-    boundary = (slot[1:] == count)  # first dropped slot
-    assert (inc | boundary).all()  # ascending within kept and within dropped
-    assert torch.equal(pos, torch.where(kept_slot, perm, -1).int())
+    assert torch.equal(pm.q_src < 70, kept_slot.expand_as(keep))  # kept first, then empty slots
+    src = pm.q_src.long()
+    assert torch.equal(src[kept_slot.expand_as(keep)], torch.nonzero(keep)[:, -1])  # time order
+    assert torch.equal(pm.q_pos, torch.where(kept_slot, pm.q_src, -1))
+    assert torch.equal(pm.q_dst < 70, keep)
 
 
 @pytest.mark.parametrize("gather", ["triton", "torch"])

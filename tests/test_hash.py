@@ -5,13 +5,12 @@ import os
 
 import pytest
 import torch
-from permuted_checks import check_block_states, check_permutations, sorted_dense_mask
+from permuted_checks import build_checked, check_block_states, check_permutations, sorted_dense_mask
 from torch.nn.attention.flex_attention import flex_attention
 
 import flexsparse
 from flexsparse import EMPTY, FULL, PARTIAL, block_states, hash_block_mask, hash_sparse_attention
 from flexsparse import reference as ref
-from flexsparse.patterns.hash import sort_by_bucket
 from flexsparse.patterns import permuted
 from flexsparse.testing import assert_close_to_ref, random_qkv
 
@@ -43,23 +42,39 @@ CASES = [  # B, Hq, Hkv, N, block_size, bucket kind
 ]
 
 
+N_BUCKETS = {"random4": lambda N: 4, "one": lambda N: 8, "tiny": lambda N: max(1, N // 2),
+             "unbalanced": lambda N: 9, "wide": lambda N: None}
+
+
 @pytest.mark.triton
+@pytest.mark.parametrize("layout", ["sort", "packed", "aligned"])
 @pytest.mark.parametrize("B,Hq,Hkv,N,bs,kind", CASES)
-def test_block_states_vs_brute_force(B, Hq, Hkv, N, bs, kind):
+def test_block_states_vs_brute_force(B, Hq, Hkv, N, bs, kind, layout, device):
     qb, kb = buckets(kind, B, Hq, N), buckets(kind, B, Hkv, N)
     if kind == "random4":  # keys usually share the queries' buckets (self-attention LSH)
         kb = torch.where(torch.rand(B, Hkv, N) < 0.5, qb[:, :: Hq // Hkv], kb)
-    pm = hash_block_mask(qb, kb, block_size=bs, impl="triton")
+    nb = N_BUCKETS[kind](N) if layout != "sort" else None
+    if layout != "sort" and nb is None:
+        pytest.skip("ids outside [0, n) need the sort layout")
+    kw = {"n_buckets": nb, "align": layout == "aligned"} if nb is not None else {}
+    pm = build_checked(hash_block_mask, qb, kb, device, block_size=bs, **kw)
     check_permutations(pm, N)
     check_block_states(pm, ref.hash_mask(qb, kb), bs)
-    assert torch.equal(hash_block_mask(qb, kb, block_size=bs, impl="torch").states, pm.states)
+    if layout == "aligned":  # every bucket starts at a block boundary
+        starts = torch.ones_like(pm.q_bucket, dtype=torch.bool)
+        starts[..., 1:] = pm.q_bucket[..., 1:] != pm.q_bucket[..., :-1]
+        real = pm.q_src < N
+        assert (torch.nonzero(starts & real)[:, -1] % bs == 0).all()
+    else:
+        assert pm.length == N
     if kind == "one":  # a single bucket is plain causal attention: the classification is exact
         n = -(-N // bs)
         i = torch.arange(n)
         want = torch.where(i[:, None] > i[None, :], FULL, torch.where(i[:, None] == i[None, :], PARTIAL, EMPTY))
-        if N % bs == 1:  # a last block of one token sees itself only: full
-            want[-1, -1] = FULL
-        assert torch.equal(pm.states, want.to(torch.int8).expand_as(pm.states))
+        if N % bs == 1 and pm.length == N:  # a last block of one token sees itself only: full
+            want[-1, -1] = FULL  # (with padding slots in the key block it stays partial)
+        assert torch.equal(pm.states[..., :n, :n], want.to(torch.int8).expand(B, Hq, n, n))
+        assert (pm.states[..., n:, :] == EMPTY).all() and (pm.states[..., :, n:] == EMPTY).all()
     # flex forward through the mask (eager: mask_mod) equals the reference
     q, k, v = random_qkv(B, Hq, Hkv, N, 16, dtype=torch.float64)
     with torch.no_grad():
@@ -68,30 +83,75 @@ def test_block_states_vs_brute_force(B, Hq, Hkv, N, bs, kind):
     assert_close_to_ref("out", pm.unpermute_q(out), ref.hash_sparse_attention(q, k, v, qb, kb), floor=1e-10)
 
 
-def test_sort_is_stable_by_bucket_then_position():
-    b = torch.randint(-2, 3, (2, 3, 50))
-    perm, sb = sort_by_bucket(b)
-    assert torch.equal(sb, torch.gather(b, -1, perm))
-    assert (sb[..., 1:] >= sb[..., :-1]).all()
-    same = sb[..., 1:] == sb[..., :-1]
-    assert (perm[..., 1:] > perm[..., :-1])[same].all()
+@pytest.mark.triton
+@pytest.mark.parametrize("align", [0, 8])
+@pytest.mark.parametrize("nb,L_extra", [(1, 0), (5, 0), (5, 40), (37, 0)])
+def test_layout_kernel_matches_torch(device, nb, L_extra, align):
+    """Counting-sort kernel vs its PyTorch twin: excluded ids (-1), empty buckets, padding,
+    spare tail slots, and the out-of-range flag."""
+    from flexsparse.kernels.layout import sorted_layout
+    from flexsparse.patterns.permuted import sorted_layout_torch
+
+    R, N = 5, 203
+    keys = torch.randint(-1, nb, (R, N), dtype=torch.int32)
+    keys[0] = -1  # a row with nothing kept
+    keys[1] = nb - 1  # one bucket only
+    L = N + (nb * (align - 1) if align else 0) + L_extra
+    want = sorted_layout_torch(keys, nb, L, align=align, invalid_pos=N)
+    got = sorted_layout(keys.to(device), nb, L, align=align, invalid_pos=N)
+    for name, g, w in zip(("src", "dst", "pos", "bucket", "flags"), got, want):
+        assert torch.equal(g.cpu(), w), name
+    assert not want[4].any()
+    bad = keys.clone()
+    bad[2, 7] = nb  # out of range
+    bad[3, 9] = -5
+    flags = sorted_layout(bad.to(device), nb, L, align=align, invalid_pos=N)[4].cpu()
+    assert flags.tolist() == [0, 0, 1, 1, 0]
+    assert torch.equal(flags, sorted_layout_torch(bad, nb, L, align=align, invalid_pos=N)[4])
+    if L_extra == 0 and nb > 1:  # too few slots: flagged, never written out of bounds
+        short = sorted_layout(keys.to(device), nb, N // 2, align=align, invalid_pos=N)[4].cpu()
+        assert short[2:].all()
 
 
-def test_tight_on_disjoint_buckets():
+def test_alignment_cuts_partial_blocks():
+    """Aligned buckets: no block straddles two buckets, so far fewer PARTIAL blocks (the reason
+    for the padding), same function."""
+    B, H, N, bs, nb = 1, 4, 2048, 64, 4
+    qb, kb = torch.randint(0, nb, (B, H, N)), torch.randint(0, nb, (B, H, N))
+    packed = hash_block_mask(qb, kb, n_buckets=nb, align=False, block_size=bs, impl="torch")
+    aligned = hash_block_mask(qb, kb, n_buckets=nb, align=True, block_size=bs, impl="torch")
+    assert aligned.length > N == packed.length
+    n_part = [int((pm.states == PARTIAL).sum()) for pm in (packed, aligned)]
+    assert n_part[1] < 0.8 * n_part[0], n_part
+
+
+def test_bucket_ids_are_validated():
+    qb = torch.randint(0, 4, (1, 2, 50))
+    with pytest.raises(ValueError, match=r"bucket ids must lie in \[0, n_buckets = 3\)"):
+        hash_block_mask(qb, qb, n_buckets=3, block_size=16)
+    with pytest.raises(ValueError, match="align=True needs n_buckets"):
+        hash_block_mask(qb, qb, align=True, block_size=16)
+    with pytest.raises(ValueError, match="n_buckets must be a positive int"):
+        hash_block_mask(qb, qb, n_buckets=0, block_size=16)
+
+
+def test_tight_on_disjoint_buckets(device):
     """Queries and keys in different buckets: every block is EMPTY."""
-    qb = torch.zeros(1, 2, 64, dtype=torch.long)
+    qb = torch.zeros(1, 2, 64, dtype=torch.long, device=device)
     pm = hash_block_mask(qb, qb + 1, block_size=16, impl="triton")
     assert (pm.states == EMPTY).all()
     assert int(pm.block_mask.kv_num_blocks.sum()) == 0
 
 
 @pytest.mark.parametrize("gather", ["triton", "torch"])
-def test_permutation_gradients_through_sorted_reference(gather, monkeypatch):
+@pytest.mark.parametrize("nb", [None, 3])
+def test_permutation_gradients_through_sorted_reference(gather, nb, monkeypatch):
     """Gather q/k/v into sorted order, attend there with the sorted dense mask, gather back:
-    forward and every gradient equal the reference in original order (float64)."""
+    forward and every gradient equal the reference in original order (float64); with padding
+    slots too (aligned layout)."""
     B, Hq, Hkv, N, D = 2, 4, 2, 45, 8
     qb, kb = torch.randint(0, 3, (B, Hq, N)), torch.randint(0, 3, (B, Hkv, N))
-    pm = hash_block_mask(qb, kb, block_size=16)
+    pm = hash_block_mask(qb, kb, block_size=16, n_buckets=nb, align=nb is not None)
     q, k, v = random_qkv(B, Hq, Hkv, N, D, dtype=torch.float64, requires_grad=True)
     if gather == "torch":
         monkeypatch.setattr(permuted, "_use_triton_gather", lambda x: False)
@@ -218,16 +278,18 @@ def test_public_api():
     "B,Hq,Hkv,N,D,n_buckets",
     [(2, 4, 2, 1000, 64, 4), (1, 8, 2, 777, 128, 16), (1, 2, 2, 1300, 64, 1), (1, 4, 1, 900, 128, 200)],
 )
-def test_gpu_fwd_bwd_bf16(B, Hq, Hkv, N, D, n_buckets):
+@pytest.mark.parametrize("layout", ["sort", "aligned"])
+def test_gpu_fwd_bwd_bf16(B, Hq, Hkv, N, D, n_buckets, layout):
     torch._dynamo.config.cache_size_limit = 64
     dev = "cuda"
     qb = torch.randint(0, n_buckets, (B, Hq, N), device=dev)
     kb = torch.randint(0, n_buckets, (B, Hkv, N), device=dev)
-    pm = hash_block_mask(qb, kb, block_size=128)
-    assert torch.equal(pm.states, hash_block_mask(qb, kb, block_size=128, impl="torch").states)
+    kw = {} if layout == "sort" else {"n_buckets": n_buckets, "align": True}
+    pm = hash_block_mask(qb, kb, block_size=128, **kw)
+    assert torch.equal(pm.states, hash_block_mask(qb, kb, block_size=128, impl="torch", **kw).states)
     q, k, v = random_qkv(B, Hq, Hkv, N, D, dtype=torch.bfloat16, device=dev, requires_grad=True)
     do = torch.randn(B, Hq, N, D, device=dev, dtype=torch.bfloat16)
-    out = hash_sparse_attention(q, k, v, qb, kb, backend="flex", block_size=128)
+    out = hash_sparse_attention(q, k, v, qb, kb, backend="flex", block_size=128, **kw)
     grads = torch.autograd.grad(out, (q, k, v), do)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     out64 = ref.hash_sparse_attention(q64, k64, v64, qb, kb)
@@ -246,9 +308,11 @@ def test_gpu_mask_build_128k():
     B, Hq, Hkv, N = 1, 16, 4, 131072
     qb = torch.randint(0, 16, (B, Hq, N), device="cuda", dtype=torch.int32)
     kb = torch.randint(0, 16, (B, Hkv, N), device="cuda", dtype=torch.int32)
-    pm = hash_block_mask(qb, kb, block_size=128)
-    assert torch.equal(pm.states, hash_block_mask(qb, kb, block_size=128, impl="torch").states)
-    assert torch.equal(block_states(pm.block_mask), pm.states)
+    for kw in ({}, {"n_buckets": 16}):
+        pm = hash_block_mask(qb, kb, block_size=128, **kw)
+        assert pm.length == (N if not kw else N + 16 * 128)
+        assert torch.equal(pm.states, hash_block_mask(qb, kb, block_size=128, impl="torch", **kw).states)
+        assert torch.equal(block_states(pm.block_mask), pm.states)
 
 
 @pytest.mark.triton
@@ -260,4 +324,5 @@ def test_block_stats_kernel_matches_torch(device, N, bs):
     pos = torch.randint(-1, N + 1, (2, 3, N), dtype=torch.int32, device=device)
     bkt = torch.randint(-(2**40), 2**40, (2, 3, N), device=device)
     for b in (bkt, None, (bkt % 7).int()):
-        assert torch.equal(stats_triton(pos, b, bs).cpu(), stats_torch(pos, b, bs).cpu())
+        for skip in (False, True):
+            assert torch.equal(stats_triton(pos, b, bs, skip).cpu(), stats_torch(pos, b, bs, skip).cpu())

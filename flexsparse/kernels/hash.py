@@ -54,9 +54,12 @@ def _sorted_states_kernel(qs_ptr, ks_ptr, out_ptr, HQ, G, NQ, NKV, BLOCK_KV: tl.
 
 
 @triton.jit(do_not_specialize=["N", "BS"])
-def _block_stats_kernel(pos_ptr, bkt_ptr, out_ptr, N, BS, BLOCK: tl.constexpr, HAS_BUCKET: tl.constexpr):
+def _block_stats_kernel(
+    pos_ptr, bkt_ptr, out_ptr, N, BS, BLOCK: tl.constexpr, HAS_BUCKET: tl.constexpr, SKIP_NEG: tl.constexpr
+):
     """One program per (block, row): (pos_min, pos_max, bucket_min, bucket_max) over the
-    in-range elements of the block (out-of-range lanes read the block's first element)."""
+    in-range elements of the block (out-of-range lanes read the block's first element);
+    ``SKIP_NEG`` leaves negative positions out of the minimum."""
     blk = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1).to(tl.int64)
     start = row * N + blk * BS
@@ -65,7 +68,10 @@ def _block_stats_kernel(pos_ptr, bkt_ptr, out_ptr, N, BS, BLOCK: tl.constexpr, H
     p = tl.load(pos_ptr + start + lane, mask=m, other=0).to(tl.int64)
     p = tl.where(m, p, tl.load(pos_ptr + start).to(tl.int64))
     out = out_ptr + (row * tl.num_programs(0) + blk) * 4
-    tl.store(out, tl.min(p, axis=0))
+    if SKIP_NEG:
+        tl.store(out, tl.min(tl.where(p < 0, 9223372036854775807, p), axis=0))
+    else:
+        tl.store(out, tl.min(p, axis=0))
     tl.store(out + 1, tl.max(p, axis=0))
     if HAS_BUCKET:
         b = tl.load(bkt_ptr + start + lane, mask=m, other=0).to(tl.int64)
@@ -77,10 +83,12 @@ def _block_stats_kernel(pos_ptr, bkt_ptr, out_ptr, N, BS, BLOCK: tl.constexpr, H
         tl.store(out + 3, blk * 0)
 
 
-def block_stats(pos: torch.Tensor, bucket: torch.Tensor | None, block_size: int) -> torch.Tensor:
+def block_stats(
+    pos: torch.Tensor, bucket: torch.Tensor | None, block_size: int, skip_negative: bool = False
+) -> torch.Tensor:
     """int64 ``[B, H, nBlocks, 4]`` = (pos_min, pos_max, bucket_min, bucket_max) per block of
     ``block_size`` slots of contiguous ``pos [B, H, N]`` (and ``bucket``, else zeros), over the
-    in-range slots only."""
+    in-range slots only; ``skip_negative`` leaves negative positions out of ``pos_min``."""
     B, H, N = pos.shape
     pos = pos.contiguous()
     bucket = None if bucket is None else bucket.contiguous()
@@ -91,7 +99,7 @@ def block_stats(pos: torch.Tensor, bucket: torch.Tensor | None, block_size: int)
     block = triton.next_power_of_2(block_size)
     _block_stats_kernel[(n_blocks, B * H)](
         pos, pos if bucket is None else bucket, out, N, block_size,
-        BLOCK=block, HAS_BUCKET=bucket is not None, num_warps=1 if block <= 256 else 4,
+        BLOCK=block, HAS_BUCKET=bucket is not None, SKIP_NEG=skip_negative, num_warps=1 if block <= 256 else 4,
     )
     return out
 

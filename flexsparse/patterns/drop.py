@@ -1,12 +1,13 @@
 """Query/key-drop attention (SCFA): compact kept tokens to the front, build the BlockMask.
 
-Mask in original positions: ``q_keep[i] AND k_keep[j] AND i >= j``. Per head, kept positions
-are moved stably to the front (time order kept, so positions are monotone) and dropped ones to
-the back. The sequence keeps its length N (static shapes, no host synchronisation): blocks made
-only of dropped slots are EMPTY and cost nothing in FlexAttention. Dropped query slots carry
-position -1 and dropped key slots position N, so the exact mask in sorted coordinates is just
-``qpos_sorted[b,h,q] >= kpos_sorted[b,h//G,kv]``. Block states use the same Triton kernel as the
-hash pattern (one bucket): FULL where both blocks are entirely kept and ``min q pos >= max k pos``.
+Mask in original positions: ``q_keep[i] AND k_keep[j] AND i >= j``. Per head, kept tokens are
+moved stably to the front (time order kept, so positions are monotone) by the same Triton
+counting-sort kernel as the hash pattern (one bucket; dropped tokens get no slot). The compacted
+problem has ``L`` slots (the capacity, at least the largest kept count): slots past a head's
+kept count are empty, carry position -1 (queries) or N (keys), and blocks made only of them are
+EMPTY and cost nothing in FlexAttention. The exact mask in sorted coordinates is
+``qpos_sorted[b,h,q] >= kpos_sorted[b,h//G,kv]``; FULL where every valid query of the block comes
+at or after every key of the block and the key block has no empty slot.
 """
 
 from __future__ import annotations
@@ -14,47 +15,45 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flexsparse.patterns.blockmask import _is_capturing, _normalize_block_size
-from flexsparse.patterns.permuted import PermutedBlockMask, build_permuted
+from flexsparse.patterns.blockmask import _choose_impl, _is_capturing, _normalize_block_size
+from flexsparse.patterns.permuted import PermutedBlockMask, build_permuted, sorted_layout_torch
 from flexsparse.reference import _check_per_token
 
-__all__ = ["drop_block_mask", "compact_kept"]
+__all__ = ["drop_block_mask", "drop_capacity"]
 
 
-def compact_kept(keep: Tensor, invalid: int) -> tuple[Tensor, Tensor]:
-    """Stable compaction of each bool ``[..., N]`` row.
-
-    Returns ``(perm, pos)``: int64 ``perm`` (slot -> original position: kept positions ascending,
-    then dropped ones ascending) and int32 ``pos`` (``perm`` with dropped slots set to ``invalid``).
-    """
-    N = keep.shape[-1]
-    ar = torch.arange(N, device=keep.device)
-    kept_before = torch.cumsum(keep, -1)  # kept positions <= i (int64)
-    count = kept_before[..., -1:] if N else kept_before
-    # O(N) stable partition: kept i -> slot kept_before - 1; dropped i -> count + dropped before
-    slot = torch.where(keep, kept_before - 1, count + ar - kept_before)
-    perm = torch.empty_like(slot).scatter_(-1, slot, ar.expand_as(slot))
-    pos = torch.where(ar < count, perm, invalid).to(torch.int32)
-    return perm, pos
-
-
-def _capacity(N: int, block: int, q_count: Tensor, k_count: Tensor, capacity: int | None) -> int:
-    """Slots of the compacted problem: the given ``capacity``, or the largest kept count rounded
-    up to a multiple of ``~N/16`` (whole blocks) so that a few shapes cover all keep rates, or
-    ``N`` while compiling / capturing (no host synchronisation there)."""
+def drop_capacity(q_keep: Tensor, k_keep: Tensor, block_size: int | tuple[int, int] = 128, capacity: int | None = None) -> int:
+    """Slots of the compacted problem: ``capacity`` if given (checked against the largest kept
+    count unless compiling/capturing), else the largest kept count of any (batch, head), queries
+    and keys (one host synchronisation), rounded up to a multiple of ``~N/16`` in whole blocks
+    so a few shapes cover all keep rates; ``N`` while compiling or capturing."""
+    N = q_keep.shape[-1]
+    block = max(_normalize_block_size(block_size))
     if capacity is not None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= N:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= max(N, 1):
             raise ValueError(f"capacity must be an int in [1, N = {N}], got {capacity!r}")
         if not _is_capturing() and N:
-            need = int(torch.maximum(q_count.max(), k_count.max()))
+            need = int(torch.maximum(q_keep.sum(-1).max(), k_keep.sum(-1).max()))
             if need > capacity:
                 raise ValueError(f"capacity = {capacity} is smaller than the largest kept count {need}")
         return capacity
     if _is_capturing() or N == 0:
         return N
-    need = int(torch.maximum(q_count.max(), k_count.max()))
+    need = int(torch.maximum(q_keep.sum(-1).max(), k_keep.sum(-1).max()))
     step = block * max(1, -(-N // (16 * block)))
     return min(N, max(step, -(-need // step) * step))
+
+
+def _layout(keep: Tensor, L: int, invalid_pos: int, impl: str):
+    B, H, N = keep.shape
+    keys = torch.where(keep, 0, -1).to(torch.int8).reshape(B * H, N)
+    if impl == "triton":
+        from flexsparse.kernels.layout import sorted_layout
+
+        src, dst, pos, _, _ = sorted_layout(keys, 1, L, invalid_pos=invalid_pos, with_bucket=False)
+    else:
+        src, dst, pos, _, _ = sorted_layout_torch(keys, 1, L, invalid_pos=invalid_pos, with_bucket=False)
+    return src.view(B, H, L), dst.view(B, H, N), pos.view(B, H, L), None
 
 
 def drop_block_mask(
@@ -75,20 +74,16 @@ def drop_block_mask(
             (batch, head), queries and keys. Default: that count (one host synchronisation)
             rounded up to a multiple of ``N/16`` in whole blocks, so the dropped tail is neither
             moved nor scanned; ``N`` while compiling or capturing a CUDA graph. Pass a fixed value
-            to avoid the synchronisation.
+            to avoid the synchronisation (see :func:`drop_capacity`).
         impl: ``"triton"``, ``"torch"`` or ``"auto"``.
 
     Returns:
         A :class:`~flexsparse.patterns.permuted.PermutedBlockMask` over ``(L, L)`` (``q_bucket``/
-        ``k_bucket`` None; ``q_pos`` is -1 and ``k_pos`` is N on slots without a kept token;
-        dropped queries unpermute to zero rows).
+        ``k_bucket`` None; ``q_pos`` is -1 and ``k_pos`` is N on empty slots; dropped queries
+        unpermute to zero rows).
     """
     _, _, _, N = _check_per_token("q_keep", q_keep, "k_keep", k_keep, "bool")
-    qb, kb = _normalize_block_size(block_size)
-    q_count, k_count = q_keep.sum(-1), k_keep.sum(-1)
-    L = _capacity(N, max(qb, kb), q_count, k_count, capacity)
-    q_perm, q_pos = compact_kept(q_keep, -1)
-    k_perm, k_pos = compact_kept(k_keep, N)
-    return build_permuted(
-        q_perm, k_perm, q_pos, k_pos, None, None, (qb, kb), impl, q_count=q_count, k_count=k_count, length=L
-    )
+    _normalize_block_size(block_size)
+    L = drop_capacity(q_keep, k_keep, block_size, capacity)
+    impl = _choose_impl(impl, q_keep.device)
+    return build_permuted(_layout(q_keep, L, -1, impl), _layout(k_keep, L, N, impl), block_size, impl)

@@ -1,60 +1,106 @@
 """Hash-sparse attention (SCFA): sort queries and keys per head by bucket, build the BlockMask.
 
 Mask in original positions: ``q_bucket[i] == k_bucket[j] AND i >= j``. Queries (per query head)
-and keys (per KV head) are sorted stably by ``(bucket, position)`` (key ``bucket * N + pos``), so
-each bucket is contiguous and time-ordered inside it. In sorted coordinates the mask is
+and keys (per KV head) are sorted stably by bucket, so each bucket is contiguous and
+time-ordered inside. With a known bucket count the sort is a Triton counting sort, and each
+bucket may start at a block boundary (``align``): no block then straddles two buckets, which
+turns most off-diagonal blocks of a bucket FULL. In sorted coordinates the mask is
 ``(qb_sorted[b,h,q] == kb_sorted[b,h//G,kv]) & (qpos_sorted[b,h,q] >= kpos_sorted[b,h//G,kv])``;
 the Triton kernel classifies blocks from per-block min/max of (bucket, position).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from flexsparse.patterns.permuted import PermutedBlockMask, build_permuted
+from flexsparse.patterns.blockmask import _choose_impl, _is_capturing, _normalize_block_size, _raise_if_flagged
+from flexsparse.patterns.permuted import PermutedBlockMask, build_permuted, sorted_layout_torch
 from flexsparse.reference import _check_per_token
 
-__all__ = ["hash_block_mask", "sort_by_bucket"]
+__all__ = ["hash_block_mask", "hash_layout_length"]
+
+_KERNEL_MAX_BUCKETS = 256
 
 
-def sort_by_bucket(buckets: Tensor) -> tuple[Tensor, Tensor]:
-    """Stable sort of each ``[..., N]`` row by bucket.
+def hash_layout_length(N: int, n_buckets: int | None, block_size: int | tuple[int, int] = 128, align: bool | None = None) -> tuple[int, int]:
+    """``(L, align_block)``: slots of the sorted problem and the block each bucket is aligned to
+    (0 = packed). Aligning costs at most ``n_buckets * (block - 1)`` extra (empty) slots, so it
+    is on by default only while that is at most ``N / 4``."""
+    qb, kb = _normalize_block_size(block_size)
+    blk = math.lcm(qb, kb)
+    if n_buckets is None:
+        if align:
+            raise ValueError("align=True needs n_buckets (the number of buckets bounds the padding)")
+        return N, 0
+    if align is None:
+        align = n_buckets * (blk - 1) <= N // 4
+    if not align or N == 0:
+        return N, 0
+    L = N + n_buckets * (blk - 1)
+    return -(-L // blk) * blk, blk
 
-    Returns ``(perm, sorted_buckets)``: int64 ``perm`` (sorted slot -> original position; inside a
-    bucket positions ascend) and the buckets in sorted order (dtype of ``buckets``).
-    """
-    # a stable sort by bucket alone keeps positions ascending inside each bucket: the same order
-    # as the key bucket * N + pos, without widening to int64 (and without overflow)
-    sorted_buckets, perm = torch.sort(buckets, dim=-1, stable=True)
-    return perm, sorted_buckets
+
+def _layout(keys: Tensor, n_buckets, L, blk, invalid_pos, impl):
+    B, H, N = keys.shape
+    flat = keys.reshape(B * H, N)
+    if n_buckets is not None and n_buckets <= _KERNEL_MAX_BUCKETS and impl == "triton":
+        from flexsparse.kernels.layout import sorted_layout
+
+        out = sorted_layout(flat, n_buckets, L, align=blk, invalid_pos=invalid_pos)
+    else:
+        out = sorted_layout_torch(flat, n_buckets, L, align=blk, invalid_pos=invalid_pos)
+    src, dst, pos, bkt, flags = out
+    return (src.view(B, H, L), dst.view(B, H, N), pos.view(B, H, L), bkt.view(B, H, L)), flags
 
 
 def hash_block_mask(
-    q_buckets: Tensor, k_buckets: Tensor, *, block_size: int | tuple[int, int] = 128, impl: str = "auto"
+    q_buckets: Tensor,
+    k_buckets: Tensor,
+    *,
+    n_buckets: int | None = None,
+    align: bool | None = None,
+    block_size: int | tuple[int, int] = 128,
+    impl: str = "auto",
+    validate: bool | None = None,
 ) -> PermutedBlockMask:
     """BlockMask of hash-sparse causal attention, in sorted coordinates.
 
     Args:
         q_buckets: integer ``[B, Hq, N]``, bucket of each query per query head.
         k_buckets: integer ``[B, Hkv, N]``, bucket of each key per KV head (``Hq % Hkv == 0``;
-            query head ``h`` uses KV head ``h // (Hq // Hkv)``). Any integer values (negative
-            too). int64 buckets stay int64 in the mask_mod tables; other integer dtypes become int32
-            (cheaper loads inside partial blocks: prefer int32 bucket ids on the GPU).
+            query head ``h`` uses KV head ``h // (Hq // Hkv)``).
+        n_buckets: the number of buckets, if every id lies in ``[0, n_buckets)``: enables the
+            Triton counting sort (up to 256 buckets) and bucket alignment. ``None``: any integer
+            ids (negative or huge too), sorted with ``torch.sort``, no alignment.
+        align: start every bucket at a block boundary (padding with empty slots). Default: on
+            when ``n_buckets * (block - 1) <= N / 4``; needs ``n_buckets``.
         block_size: FlexAttention block size, int or ``(q_block, kv_block)``.
-        impl: block-state kernel: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton where it runs).
+        impl: mask kernels: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton where it runs).
+        validate: check that ids lie in ``[0, n_buckets)`` (one host synchronisation). Default:
+            True except while compiling or capturing a CUDA graph. Out-of-range ids are
+            otherwise treated as dropped tokens.
 
     Returns:
-        A :class:`~flexsparse.patterns.permuted.PermutedBlockMask`: ``block_mask`` (exact
-        element ``mask_mod`` in sorted coordinates, FULL blocks where one bucket fills both
-        blocks strictly causally), ``q_perm``, ``k_perm``, ``q_inv``, sorted positions and
-        buckets. Use ``pm.permute_q(q)``, ``pm.permute_kv(k)``, FlexAttention with
-        ``pm.block_mask``, then ``pm.unpermute_q(out)``; ``pm.compose(mod)`` adds your own
-        ``mask_mod`` written in original positions.
+        A :class:`~flexsparse.patterns.permuted.PermutedBlockMask` over ``(L, L)`` slots (``L = N``
+        unless aligned): ``block_mask`` with the exact element ``mask_mod`` in sorted coordinates
+        (FULL blocks where one bucket fills both blocks strictly causally), the layouts and
+        sorted buckets (int32; int64 ids stay int64 without ``n_buckets``). Use
+        ``pm.permute_q(q)``, ``pm.permute_kv(k)``, FlexAttention with ``pm.block_mask``, then
+        ``pm.unpermute_q(out)``; ``pm.compose(mod)`` adds your own ``mask_mod`` written in original
+        positions.
     """
-    _check_per_token("q_buckets", q_buckets, "k_buckets", k_buckets, "integer")
-    q_perm, qb = sort_by_bucket(q_buckets)
-    k_perm, kb = sort_by_bucket(k_buckets)
-    if qb.dtype != torch.int64:
-        qb, kb = qb.to(torch.int32), kb.to(torch.int32)
-    return build_permuted(q_perm, k_perm, q_perm.to(torch.int32), k_perm.to(torch.int32), qb, kb, block_size, impl)
+    _, _, _, N = _check_per_token("q_buckets", q_buckets, "k_buckets", k_buckets, "integer")
+    if n_buckets is not None and (isinstance(n_buckets, bool) or not isinstance(n_buckets, int) or n_buckets < 1):
+        raise ValueError(f"n_buckets must be a positive int or None, got {n_buckets!r}")
+    L, blk = hash_layout_length(N, n_buckets, block_size, align)
+    impl = _choose_impl(impl, q_buckets.device)
+    q_layout, q_flags = _layout(q_buckets, n_buckets, L, blk, -1, impl)
+    k_layout, k_flags = _layout(k_buckets, n_buckets, L, blk, N, impl)
+    if validate is None:
+        validate = not _is_capturing()
+    if validate and n_buckets is not None:
+        _raise_if_flagged(torch.cat([q_flags, k_flags]), f"bucket ids must lie in [0, n_buckets = {n_buckets})")
+    return build_permuted(q_layout, k_layout, block_size, impl)

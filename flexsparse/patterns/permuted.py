@@ -1,18 +1,25 @@
 """Shared machinery of the permuted patterns (hash-sparse and query/key drop).
 
 Both patterns reorder queries and keys per head so that what attends to what becomes
-block-sparse, then describe the reordered problem with a ``BlockMask`` in *sorted coordinates*:
+block-sparse, then describe the reordered problem (``L`` slots) with a ``BlockMask`` in *sorted
+coordinates*. The *layout* of one side (queries per query head, keys per KV head) is:
 
-* slot ``i`` of query head ``h`` holds the original query ``q_perm[b, h, i]``;
-  slot ``j`` of KV head ``g`` holds the original key ``k_perm[b, g, j]``;
-* ``q_pos`` / ``k_pos`` (int32) hold the original position of each slot, with *invalid* slots
-  (dropped tokens) encoded as ``-1`` for queries and ``N`` for keys, so that the causal test
-  ``q_pos >= k_pos`` is False for every pair that touches an invalid slot;
-* hash buckets (optional) ``q_bucket`` / ``k_bucket`` in sorted order.
+* ``src [B, H, L]``: the original token each slot holds, ``N`` for an empty slot (padding);
+* ``dst [B, H, N]``: the slot of each original token, ``L`` for a token without one (dropped);
+* ``pos [B, H, L]`` int32: the original position of each slot, *invalid* on empty slots:
+  ``-1`` for queries and ``N`` for keys, so the causal test ``q_pos >= k_pos`` is False for
+  every pair that touches an empty slot;
+* ``bucket [B, H, L]`` (hash only): the bucket of each slot (padding takes its segment's bucket).
+
+Moving tensors between orders is a row gather by ``src`` (zero rows on empty slots) whose
+gradient is a gather by ``dst``, and back (:func:`gather_rows`).
 
 The exact element mask is ``q_pos[b,h,q] >= k_pos[b,h//G,kv]`` (and equal buckets for hash).
-Block states come from per-block min/max of (position, bucket) over the in-range slots
-(the padded tail of the last block is excluded), see :mod:`flexsparse.kernels.hash`.
+Block states come from per-block min/max of (position, bucket) over the in-range slots, see
+:mod:`flexsparse.kernels.hash`: a block is FULL when one bucket fills both blocks and every
+valid query position is at or after every key position. Empty query slots may sit inside FULL
+blocks (their outputs are never read and their output gradients are zero); empty key slots
+never do (an empty key slot has the invalid position ``N``, which rules FULL out).
 """
 
 from __future__ import annotations
@@ -39,32 +46,22 @@ __all__ = ["PermutedBlockMask"]
 
 @dataclass(frozen=True)
 class PermutedBlockMask:
-    """A ``BlockMask`` in sorted coordinates plus the permutations that define them.
-
-    The sorted problem has ``L`` slots (``L = N`` for hash; for drop ``L`` is the capacity, at
-    least the largest kept count, so the tail of dropped tokens is not moved or attended).
+    """A ``BlockMask`` in sorted coordinates plus the layouts that define them.
 
     Attributes:
         block_mask: FlexAttention ``BlockMask`` for ``(L, L)`` over ``Hq`` heads, with the exact
             element ``mask_mod`` (in sorted coordinates).
-        q_perm: int64 ``[B, Hq, N]``: sorted slot -> original query position (a permutation).
-        k_perm: int64 ``[B, Hkv, N]``: sorted slot -> original key position.
-        q_inv, k_inv: int64 ``[B, Hq, N]`` / ``[B, Hkv, N]``: original position -> sorted slot.
-        q_src, k_src: int64 ``[B, H, L]``: the original row each slot reads, ``N`` where the slot
-            holds nothing (a zero row).
-        q_dst, k_dst: int64 ``[B, H, N]``: the slot each original row goes to, ``L`` where the row
-            is not used (dropped): unpermuted outputs are 0 there.
-        q_pos: int32 ``[B, Hq, L]``: original position of each query slot, -1 where invalid.
-        k_pos: int32 ``[B, Hkv, L]``: original position of each key slot, N where invalid.
-        q_bucket, k_bucket: sorted buckets ``[B, H, L]`` (hash pattern) or None.
+        q_src, k_src: int32 ``[B, Hq, L]`` / ``[B, Hkv, L]``: the original token of each slot,
+            ``N`` on empty slots.
+        q_dst, k_dst: int32 ``[B, Hq, N]`` / ``[B, Hkv, N]``: the slot of each original token,
+            ``L`` where the token has none (dropped): unpermuted outputs are 0 there.
+        q_pos: int32 ``[B, Hq, L]``: original position of each query slot, -1 where empty.
+        k_pos: int32 ``[B, Hkv, L]``: original position of each key slot, N where empty.
+        q_bucket, k_bucket: bucket of each slot ``[B, H, L]`` (hash pattern) or None.
         states: int8 ``[B, Hq, nQ, nKV]`` block states (EMPTY/PARTIAL/FULL) the mask was built from.
     """
 
     block_mask: BlockMask
-    q_perm: Tensor
-    k_perm: Tensor
-    q_inv: Tensor
-    k_inv: Tensor
     q_src: Tensor
     k_src: Tensor
     q_dst: Tensor
@@ -76,8 +73,13 @@ class PermutedBlockMask:
     states: Tensor
 
     @property
+    def seq_len(self) -> int:
+        """Number of original tokens ``N``."""
+        return self.q_dst.shape[-1]
+
+    @property
     def groups(self) -> int:
-        return self.q_perm.shape[1] // self.k_perm.shape[1]
+        return self.q_src.shape[1] // self.k_src.shape[1]
 
     @property
     def length(self) -> int:
@@ -102,7 +104,7 @@ class PermutedBlockMask:
         sorted coordinates (invalid slots read position 0 / clamp; the pattern's own mask keeps
         them out)."""
         q_pos, k_pos, G = self.q_pos, self.k_pos, self.groups
-        n = self.k_perm.shape[-1]
+        n = self.seq_len
 
         def mod(b, h, q, kv):
             qp = q_pos[b, h, q].clamp(min=0)
@@ -146,8 +148,9 @@ def _gather_rows_impl(x: Tensor, idx: Tensor) -> Tensor:
 
         return kernel(x, idx)
     M = x.shape[2]
+    idx = idx.long()
     valid = (idx >= 0) & (idx < M)
-    safe = torch.where(valid, idx, 0).long()
+    safe = torch.where(valid, idx, 0)
     out = torch.gather(x, 2, safe.unsqueeze(-1).expand(*idx.shape, x.shape[-1]))
     return torch.where(valid.unsqueeze(-1), out, out.new_zeros(()))
 
@@ -176,11 +179,6 @@ def gather_rows(x: Tensor, idx: Tensor, back: Tensor) -> Tensor:
     return _GatherRows.apply(x, idx, back)
 
 
-def _inverse(perm: Tensor) -> Tensor:
-    ar = torch.arange(perm.shape[-1], device=perm.device).expand_as(perm)
-    return torch.empty_like(perm).scatter_(-1, perm, ar)
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -198,10 +196,13 @@ def _block_min_max(x: Tensor, bs: int, n_blocks: int) -> tuple[Tensor, Tensor]:
     return lo.view(view).amin(-1), hi.view(view).amax(-1)
 
 
-def block_stats(pos: Tensor, bucket: Tensor | None, bs: int) -> Tensor:
-    """int64 ``[B, H, nBlocks, 4]`` = (pos_min, pos_max, bucket_min, bucket_max) per block."""
+def block_stats(pos: Tensor, bucket: Tensor | None, bs: int, skip_negative: bool = False) -> Tensor:
+    """int64 ``[B, H, nBlocks, 4]`` = (pos_min, pos_max, bucket_min, bucket_max) per block;
+    ``skip_negative`` leaves negative positions (empty query slots) out of ``pos_min``."""
     n_blocks = _cdiv(pos.shape[-1], bs)
-    pmin, pmax = _block_min_max(pos.long(), bs, n_blocks)
+    pos = pos.long()
+    pmin = _block_min_max(torch.where(pos < 0, torch.iinfo(torch.int64).max, pos) if skip_negative else pos, bs, n_blocks)[0]
+    pmax = _block_min_max(pos, bs, n_blocks)[1]
     if bucket is None:
         bmin = bmax = torch.zeros_like(pmin)
     else:
@@ -236,59 +237,76 @@ def make_mask_mod(q_pos: Tensor, k_pos: Tensor, groups: int, q_bucket: Tensor | 
     return mask_mod
 
 
-def _src_dst(perm: Tensor, inv: Tensor, count: Tensor | None, L: int) -> tuple[Tensor, Tensor]:
-    """Gather indices of the first ``L`` slots: ``src`` (slot -> original row, N = none) and
-    ``dst`` (original row -> slot, L = none). Slots at or past ``count`` (per row) read nothing."""
-    N = perm.shape[-1]
-    if count is None:
-        return perm[..., :L].contiguous(), inv
-    count = count.unsqueeze(-1)
-    slots = torch.arange(L, device=perm.device)
-    src = torch.where(slots < count, perm[..., :L], N)
-    dst = torch.where(inv < count, inv, L)
-    return src, dst
+def sorted_layout_torch(
+    keys: Tensor, nb: int | None, L: int, *, align: int = 0, invalid_pos: int = -1, with_bucket: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """PyTorch twin of :func:`flexsparse.kernels.layout.sorted_layout` for ``keys [R, N]``.
+
+    ``nb=None`` accepts any integer keys (every token valid, segments = distinct values, no
+    alignment; the bucket output keeps int64 keys as int64). Returns ``(src, dst, pos, bucket,
+    flags)`` as the kernel does.
+    """
+    R, N = keys.shape
+    dev = keys.device
+    k64 = keys.long()
+    if nb is None:
+        valid = torch.ones_like(k64, dtype=torch.bool)
+        bad = torch.zeros(R, dtype=torch.bool, device=dev)
+    else:
+        valid = (k64 >= 0) & (k64 < nb)
+        bad = (~valid & (k64 != -1)).any(-1)
+    # stable sort by key, then stably move excluded tokens to the back
+    _, p1 = torch.sort(k64, dim=-1, stable=True)
+    _, p2 = torch.sort((~valid.gather(-1, p1)).to(torch.uint8), dim=-1, stable=True)
+    perm = p1.gather(-1, p2)
+    sk, sv = k64.gather(-1, perm), valid.gather(-1, perm)
+    j = torch.arange(N, device=dev).expand(R, N)
+    if align and N:
+        new = torch.ones(R, N, dtype=torch.bool, device=dev)
+        new[:, 1:] = (sk[:, 1:] != sk[:, :-1]) | (sv[:, 1:] != sv[:, :-1])
+        seg = torch.cumsum(new, -1) - 1
+        lens = torch.zeros(R, N, dtype=torch.long, device=dev).scatter_add_(1, seg, sv.long())
+        pad = (-lens) % align
+        before = torch.cumsum(pad, -1) - pad
+        slot = j + before.gather(1, seg)
+    else:
+        slot = j
+    ok = sv & (slot < L)
+    bad = bad | (sv & (slot >= L)).any(-1)
+    tgt = torch.where(ok, slot, L)
+    src = torch.full((R, L + 1), N, dtype=torch.int32, device=dev).scatter_(1, tgt, perm.int())[:, :L]
+    pos = torch.full((R, L + 1), invalid_pos, dtype=torch.int32, device=dev).scatter_(1, tgt, perm.int())[:, :L]
+    dst = torch.full((R, N), L, dtype=torch.int32, device=dev).scatter_(1, perm, tgt.int())
+    bkt = None
+    if with_bucket:
+        out_dtype = torch.int64 if (nb is None and keys.dtype == torch.int64) else torch.int32
+        at = torch.zeros(R, L + 1, dtype=torch.long, device=dev).scatter_(1, tgt, sk)[:, :L]
+        filled = torch.zeros(R, L + 1, dtype=torch.bool, device=dev).scatter_(1, tgt, ok)[:, :L]
+        ar = torch.arange(L, device=dev).expand(R, L)
+        last = torch.where(filled, ar, -1).cummax(-1).values if L else ar
+        bkt = torch.where(last >= 0, at.gather(1, last.clamp(min=0)), 0).to(out_dtype)
+    return src.contiguous(), dst, pos.contiguous(), bkt, bad.int()
 
 
-def build_permuted(
-    q_perm: Tensor,
-    k_perm: Tensor,
-    q_pos: Tensor,
-    k_pos: Tensor,
-    q_bucket: Tensor | None,
-    k_bucket: Tensor | None,
-    block_size,
-    impl: str,
-    *,
-    q_count: Tensor | None = None,
-    k_count: Tensor | None = None,
-    length: int | None = None,
-) -> PermutedBlockMask:
-    """Assemble a :class:`PermutedBlockMask` from full permutations ``[B, H, N]`` and the sorted
-    positions/buckets (length N; cut to ``length`` slots). ``q_count``/``k_count`` (``[B, H]``)
-    mark how many leading slots hold real tokens (drop pattern); None = all."""
+def build_permuted(q_layout, k_layout, block_size, impl: str) -> PermutedBlockMask:
+    """Assemble a :class:`PermutedBlockMask` from the query and key layouts
+    ``(src [B,H,L], dst [B,H,N], pos [B,H,L], bucket [B,H,L] | None)``."""
     qb, kb = _normalize_block_size(block_size)
-    B, Hq, N = q_perm.shape
-    L = N if length is None else length
-    G = Hq // k_perm.shape[1]
-    impl = _choose_impl(impl, q_perm.device)
-    q_pos, k_pos = q_pos[..., :L].contiguous(), k_pos[..., :L].contiguous()
-    if q_bucket is not None:
-        q_bucket, k_bucket = q_bucket[..., :L].contiguous(), k_bucket[..., :L].contiguous()
+    q_src, q_dst, q_pos, q_bucket = q_layout
+    k_src, k_dst, k_pos, k_bucket = k_layout
+    Hq, L = q_src.shape[1], q_src.shape[2]
+    G = Hq // k_src.shape[1]
+    impl = _choose_impl(impl, q_src.device)
     if impl == "triton":
         from flexsparse.kernels import hash as kernels
 
-        q_stats = kernels.block_stats(q_pos, q_bucket, qb)
+        q_stats = kernels.block_stats(q_pos, q_bucket, qb, skip_negative=True)
         k_stats = kernels.block_stats(k_pos, k_bucket, kb)
         states = kernels.sorted_block_states(q_stats, k_stats, G)
     else:
-        states = states_torch(block_stats(q_pos, q_bucket, qb), block_stats(k_pos, k_bucket, kb), G)
+        states = states_torch(block_stats(q_pos, q_bucket, qb, True), block_stats(k_pos, k_bucket, kb), G)
     mod = make_mask_mod(q_pos, k_pos, G, q_bucket, k_bucket)
     bm = block_mask_from_states(
         states, seq_lengths=(L, L), block_size=(qb, kb), mask_mod=mod, impl=impl, validate=False
     )
-    q_inv, k_inv = _inverse(q_perm), _inverse(k_perm)
-    q_src, q_dst = _src_dst(q_perm, q_inv, q_count, L)
-    k_src, k_dst = _src_dst(k_perm, k_inv, k_count, L)
-    return PermutedBlockMask(
-        bm, q_perm, k_perm, q_inv, k_inv, q_src, k_src, q_dst, k_dst, q_pos, k_pos, q_bucket, k_bucket, states
-    )
+    return PermutedBlockMask(bm, q_src, k_src, q_dst, k_dst, q_pos, k_pos, q_bucket, k_bucket, states)
