@@ -32,6 +32,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flexsparse  # noqa: E402
+from flexsparse.patterns.drop import capacity_for_rate  # noqa: E402
 from flexsparse.patterns.permuted import make_mask_mod  # noqa: E402
 
 console = Console(width=160)
@@ -206,12 +207,14 @@ def run_shape(B, H, D, N, buckets, drops, baselines, plain, rows, modes=("fwd", 
     for rate in drops:
         qk = torch.rand(B, H, N, device="cuda") >= rate
         kk = torch.rand(B, H, N, device="cuda") >= rate
-        pm = flexsparse.drop_block_mask(qk, kk)
+        # the QKSparseAttention module's path: capacity from the drop rate, checked on the device
+        kw = {"capacity": capacity_for_rate(N, rate), "validate": False}
+        pm = flexsparse.drop_block_mask(qk, kk, **kw)
 
-        def op(q, k, v, qk=qk, kk=kk):
-            return flexsparse.qk_sparse_attention(q, k, v, qk, kk, backend="flex")
+        def op(q, k, v, qk=qk, kk=kk, kw=kw):
+            return flexsparse.qk_sparse_attention(q, k, v, qk, kk, backend="flex", **kw)
 
-        record("drop", rate, pm, op, plain_flex_drop(qk, kk), lambda qk=qk, kk=kk: flexsparse.drop_block_mask(qk, kk))
+        record("drop", rate, pm, op, plain_flex_drop(qk, kk), lambda qk=qk, kk=kk, kw=kw: flexsparse.drop_block_mask(qk, kk, **kw))
     dense.clear()
     gc.collect()
     torch.cuda.empty_cache()
@@ -230,7 +233,8 @@ def profile_headline():
     kk = torch.rand(B, H, N, device="cuda") >= 0.8
     cases = {
         "hash16": lambda: flexsparse.hash_sparse_attention(q, k, v, qb, kb, backend="flex", n_buckets=16, validate=False),
-        "drop0.8": lambda: flexsparse.qk_sparse_attention(q, k, v, qk, kk, backend="flex"),
+        "drop0.8": lambda: flexsparse.qk_sparse_attention(
+            q, k, v, qk, kk, backend="flex", capacity=capacity_for_rate(N, 0.8), validate=False),
     }
     for name, op in cases.items():
         for _ in range(2):
@@ -318,6 +322,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--full", action="store_true", help="the whole grid of the issue, plus 128k")
+    ap.add_argument("--shapes", default="4,48,64;1,16,128", help="B,H,D;... for --full")
+    ap.add_argument("--seqs", default="4096,8192,16384,32768", help="for --full")
+    ap.add_argument("--long", action="store_true", help="128k run (part of --full unless --shapes is given)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file name")
     ap.add_argument("--profile", action="store_true", help="profile the headline fwd+bwd")
     ap.add_argument("--tune", action="store_true", help="try FlexAttention kernel options (headline shape)")
     ap.add_argument("--only-tune", action="store_true")
@@ -341,9 +349,11 @@ def main(argv=None):
     elif not args.full:
         run_shape(4, 48, 64, 16384, [16], [0.8, 0.5], True, not args.no_plain, rows)
     else:
-        for (B, H, D) in ((4, 48, 64), (1, 16, 128)):
-            for N in (4096, 8192, 16384, 32768):
+        shapes = [tuple(int(x) for x in sh.split(",")) for sh in args.shapes.split(";") if sh]
+        for (B, H, D) in shapes:
+            for N in (int(x) for x in args.seqs.split(",") if x):
                 run_shape(B, H, D, N, [4, 8, 16, 64], [0.3, 0.5, 0.8], True, not args.no_plain and N <= 16384, rows)
+    if args.long:
         # 128k: runs, time, memory (no plain recipe: compiled create_block_mask is the slow part)
         run_shape(1, 16, 128, 131072, [16], [0.5, 0.8], True, False, rows, modes=("fwd+bwd",))
     table(rows, f"SCFA patterns on {gpu} (torch {torch.__version__}, triton {triton.__version__}), bf16, medians")
@@ -351,7 +361,7 @@ def main(argv=None):
     for h in head:
         console.print(h)
     os.makedirs(args.out, exist_ok=True)
-    name = f"scfa_{'full' if args.full else 'headline'}_" + gpu.replace(" ", "_").replace("/", "_") + ".json"
+    name = f"scfa_{'full' if args.full else 'headline'}{args.tag}_" + gpu.replace(" ", "_").replace("/", "_") + ".json"
     with open(os.path.join(args.out, name), "w") as fh:
         json.dump({"meta": meta, "targets": head, "rows": rows}, fh, indent=1)
 

@@ -135,6 +135,7 @@ def qk_sparse_attention(
     block_size: int | tuple[int, int] = 128,
     capacity: int | None = None,
     kernel_options: dict | None = None,
+    validate: bool | None = None,
 ) -> Tensor:
     """Causal attention over kept queries and kept keys only (SCFA query/key drop).
 
@@ -144,6 +145,7 @@ def qk_sparse_attention(
         scale, backend, block_size, kernel_options: as in :func:`hash_sparse_attention`.
         capacity: slots of the compacted problem (see :func:`flexsparse.drop_block_mask`);
             default: the largest kept count, rounded up (one host synchronisation).
+        validate: check a given ``capacity`` on the host (see :func:`flexsparse.drop_block_mask`).
 
     Returns:
         ``[B, Hq, N, D]``. Dropped queries output exactly 0; a kept query whose causal keys were
@@ -157,5 +159,5 @@ def qk_sparse_attention(
     if backend == "reference" or N == 0:
         return reference.qk_sparse_attention(q, k, v, q_keep, k_keep, scale=scale)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    pm = drop_block_mask(q_keep, k_keep, block_size=block_size, capacity=capacity)
+    pm = drop_block_mask(q_keep, k_keep, block_size=block_size, capacity=capacity, validate=validate)
     return _run_flex(q, k, v, pm, scale, kernel_options)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from flexsparse.functional import hash_sparse_attention, qk_sparse_attention
+from flexsparse.patterns.drop import capacity_for_rate
 
 __all__ = ["HashSparseAttention", "QKSparseAttention"]
 
@@ -143,9 +144,13 @@ class QKSparseAttention(_SparseSelfAttention):
     def forward(self, x: Tensor, q_keep: Tensor | None = None, k_keep: Tensor | None = None) -> Tensor:
         q, k, v = self._project(x)
         B, _, N, _ = q.shape
+        drawn = q_keep is None and k_keep is None
         if q_keep is None:
             q_keep = torch.rand(B, self.heads, N, device=x.device) >= self.drop_rate
         if k_keep is None:
             k_keep = torch.rand(B, self.kv_heads, N, device=x.device) >= self.drop_rate
-        o = qk_sparse_attention(q, k, v, q_keep, k_keep, backend=self.backend, block_size=self.block_size)
+        extra = {}
+        if drawn:  # our own random masks: a capacity from the rate, checked on the device (no sync)
+            extra = {"capacity": capacity_for_rate(N, self.drop_rate, self.block_size), "validate": False}
+        o = qk_sparse_attention(q, k, v, q_keep, k_keep, backend=self.backend, block_size=self.block_size, **extra)
         return self._finish(o)

@@ -264,3 +264,18 @@ def test_capacity_trims_the_dropped_tail_and_is_checked():
         got = flexsparse.qk_sparse_attention(q, k, v, qk, kk, backend="flex", block_size=bs, capacity=c)
         assert_close_to_ref("out", got, want, floor=1e-10)
         assert (got[~qk] == 0).all()
+
+
+def test_capacity_for_rate_and_device_side_check():
+    from flexsparse.patterns.drop import capacity_for_rate
+
+    N = 4096
+    cap = capacity_for_rate(N, 0.8, 128)
+    assert cap % 128 == 0 and 0.2 * N < cap <= 0.25 * N + 128
+    assert capacity_for_rate(N, 0.0, 128) == N
+    qk = torch.zeros(1, 2, 300, dtype=torch.bool)
+    qk[..., :100] = True
+    with pytest.raises(RuntimeError, match="capacity below a kept count"):  # on the CPU the device check is immediate
+        drop_block_mask(qk, qk[:, :1], block_size=16, capacity=64, validate=False)
+    pm = drop_block_mask(qk, qk[:, :1], block_size=16, capacity=112, validate=False)
+    assert pm.length == 112

@@ -85,14 +85,14 @@ def test_block_states_vs_brute_force(B, Hq, Hkv, N, bs, kind, layout, device):
 
 @pytest.mark.triton
 @pytest.mark.parametrize("align", [0, 8])
-@pytest.mark.parametrize("nb,L_extra", [(1, 0), (5, 0), (5, 40), (37, 0)])
-def test_layout_kernel_matches_torch(device, nb, L_extra, align):
+@pytest.mark.parametrize("nb,L_extra,N", [(1, 0, 203), (5, 0, 203), (5, 40, 2500), (37, 0, 203), (200, 3, 300)])
+def test_layout_kernel_matches_torch(device, nb, L_extra, N, align):
     """Counting-sort kernel vs its PyTorch twin: excluded ids (-1), empty buckets, padding,
-    spare tail slots, and the out-of-range flag."""
+    spare tail slots, several chunks per row, and the out-of-range flag."""
     from flexsparse.kernels.layout import sorted_layout
     from flexsparse.patterns.permuted import sorted_layout_torch
 
-    R, N = 5, 203
+    R = 5
     keys = torch.randint(-1, nb, (R, N), dtype=torch.int32)
     keys[0] = -1  # a row with nothing kept
     keys[1] = nb - 1  # one bucket only

@@ -19,10 +19,30 @@ from flexsparse.patterns.blockmask import _choose_impl, _is_capturing, _normaliz
 from flexsparse.patterns.permuted import PermutedBlockMask, build_permuted, sorted_layout_torch
 from flexsparse.reference import _check_per_token
 
-__all__ = ["drop_block_mask", "drop_capacity"]
+__all__ = ["capacity_for_rate", "drop_block_mask", "drop_capacity"]
 
 
-def drop_capacity(q_keep: Tensor, k_keep: Tensor, block_size: int | tuple[int, int] = 128, capacity: int | None = None) -> int:
+def _round_capacity(N: int, block: int, need: int) -> int:
+    step = block * max(1, -(-N // (16 * block)))
+    return min(N, max(step, -(-need // step) * step))
+
+
+def capacity_for_rate(N: int, drop_rate: float, block_size: int | tuple[int, int] = 128) -> int:
+    """A capacity for keep masks drawn independently per token with probability
+    ``1 - drop_rate``: the mean kept count plus 8 standard deviations (exceeded with probability
+    below 1e-15), rounded like :func:`drop_capacity`. No host synchronisation."""
+    p = 1.0 - float(drop_rate)
+    need = int(N * p + 8.0 * (N * p * (1.0 - p)) ** 0.5) + 1
+    return _round_capacity(N, max(_normalize_block_size(block_size)), min(N, need))
+
+
+def drop_capacity(
+    q_keep: Tensor,
+    k_keep: Tensor,
+    block_size: int | tuple[int, int] = 128,
+    capacity: int | None = None,
+    validate: bool | None = None,
+) -> int:
     """Slots of the compacted problem: ``capacity`` if given (checked against the largest kept
     count unless compiling/capturing), else the largest kept count of any (batch, head), queries
     and keys (one host synchronisation), rounded up to a multiple of ``~N/16`` in whole blocks
@@ -32,7 +52,9 @@ def drop_capacity(q_keep: Tensor, k_keep: Tensor, block_size: int | tuple[int, i
     if capacity is not None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= max(N, 1):
             raise ValueError(f"capacity must be an int in [1, N = {N}], got {capacity!r}")
-        if not _is_capturing() and N:
+        if validate is None:
+            validate = not _is_capturing()
+        if validate and N:
             need = int(torch.maximum(q_keep.sum(-1).max(), k_keep.sum(-1).max()))
             if need > capacity:
                 raise ValueError(f"capacity = {capacity} is smaller than the largest kept count {need}")
@@ -40,8 +62,7 @@ def drop_capacity(q_keep: Tensor, k_keep: Tensor, block_size: int | tuple[int, i
     if _is_capturing() or N == 0:
         return N
     need = int(torch.maximum(q_keep.sum(-1).max(), k_keep.sum(-1).max()))
-    step = block * max(1, -(-N // (16 * block)))
-    return min(N, max(step, -(-need // step) * step))
+    return _round_capacity(N, block, need)
 
 
 def _layout(keep: Tensor, L: int, invalid_pos: int, impl: str):
@@ -50,10 +71,10 @@ def _layout(keep: Tensor, L: int, invalid_pos: int, impl: str):
     if impl == "triton":
         from flexsparse.kernels.layout import sorted_layout
 
-        src, dst, pos, _, _ = sorted_layout(keys, 1, L, invalid_pos=invalid_pos, with_bucket=False)
+        src, dst, pos, _, flags = sorted_layout(keys, 1, L, invalid_pos=invalid_pos, with_bucket=False)
     else:
-        src, dst, pos, _, _ = sorted_layout_torch(keys, 1, L, invalid_pos=invalid_pos, with_bucket=False)
-    return src.view(B, H, L), dst.view(B, H, N), pos.view(B, H, L), None
+        src, dst, pos, _, flags = sorted_layout_torch(keys, 1, L, invalid_pos=invalid_pos, with_bucket=False)
+    return (src.view(B, H, L), dst.view(B, H, N), pos.view(B, H, L), None), flags
 
 
 def drop_block_mask(
@@ -63,6 +84,7 @@ def drop_block_mask(
     block_size: int | tuple[int, int] = 128,
     capacity: int | None = None,
     impl: str = "auto",
+    validate: bool | None = None,
 ) -> PermutedBlockMask:
     """BlockMask of query/key-drop causal attention, in compacted coordinates.
 
@@ -76,6 +98,10 @@ def drop_block_mask(
             moved nor scanned; ``N`` while compiling or capturing a CUDA graph. Pass a fixed value
             to avoid the synchronisation (see :func:`drop_capacity`).
         impl: ``"triton"``, ``"torch"`` or ``"auto"``.
+        validate: check a given ``capacity`` against the kept counts on the host (one
+            synchronisation; default True except while compiling or capturing). Without it the
+            check runs on the device (``torch._assert_async``): a too-small capacity stops the
+            program instead of losing tokens.
 
     Returns:
         A :class:`~flexsparse.patterns.permuted.PermutedBlockMask` over ``(L, L)`` (``q_bucket``/
@@ -84,6 +110,12 @@ def drop_block_mask(
     """
     _, _, _, N = _check_per_token("q_keep", q_keep, "k_keep", k_keep, "bool")
     _normalize_block_size(block_size)
-    L = drop_capacity(q_keep, k_keep, block_size, capacity)
+    L = drop_capacity(q_keep, k_keep, block_size, capacity, validate)
     impl = _choose_impl(impl, q_keep.device)
-    return build_permuted(_layout(q_keep, L, -1, impl), _layout(k_keep, L, N, impl), block_size, impl)
+    q_layout, q_flags = _layout(q_keep, L, -1, impl)
+    k_layout, k_flags = _layout(k_keep, L, N, impl)
+    if L < N and N:  # every kept token must have found a slot
+        torch._assert_async(
+            torch.maximum(q_flags.max(), k_flags.max()) == 0, "drop_block_mask: capacity below a kept count"
+        )
+    return build_permuted(q_layout, k_layout, block_size, impl)
