@@ -118,11 +118,11 @@ def sorted_layout(
                 bkt.zero_()
         return src, dst, pos, bkt, flags
     NB = max(2, triton.next_power_of_2(nb))
-    CH = max(16, min(1024, 8192 // NB))
+    CH = max(16, min(1024, 2048 // NB))  # small tiles: no register spills, many programs
     C = triton.cdiv(N, CH)
     cnt = torch.empty(R, C, NB, dtype=torch.int32, device=dev)
     bad = torch.empty(R, C, dtype=torch.int32, device=dev)
-    warps = 4 if CH * NB <= 8192 else 8
+    warps = 4
     _count_kernel[(C, R)](keys, cnt, bad, N, C, nb, NB=NB, CH=CH, num_warps=warps)
     tot = cnt.sum(1, dtype=torch.int32)
     pre = cnt.cumsum(1, dtype=torch.int32) - cnt
