@@ -363,6 +363,13 @@ def main(argv=None):
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     console.print(meta)
     rows: list[dict] = []
+    os.makedirs(args.out, exist_ok=True)
+    name = f"scfa_{'full' if args.full else 'headline'}{args.tag}_" + gpu.replace(" ", "_").replace("/", "_") + ".json"
+
+    def save():
+        with open(os.path.join(args.out, name), "w") as fh:
+            json.dump({"meta": meta, "targets": check_headline(rows), "rows": rows}, fh, indent=1)
+
     if args.profile:
         profile_headline()
     if args.tune or args.only_tune:
@@ -375,7 +382,8 @@ def main(argv=None):
         shapes = [tuple(int(x) for x in sh.split(",")) for sh in args.shapes.split(";") if sh]
         for (B, H, D) in shapes:
             for N in (int(x) for x in args.seqs.split(",") if x):
-                run_shape(B, H, D, N, [4, 8, 16, 64], [0.3, 0.5, 0.8], True, not args.no_plain and N <= 16384, rows)
+                run_shape(B, H, D, N, [4, 8, 16, 64], [0.3, 0.5, 0.8], True, not args.no_plain and N == 16384, rows)
+                save()
     if args.long:
         # 128k: runs, time, memory (no plain recipe: compiled create_block_mask is the slow part)
         run_shape(1, 16, 128, 131072, [16], [0.5, 0.8], True, False, rows, modes=("fwd+bwd",))
@@ -383,10 +391,7 @@ def main(argv=None):
     head = check_headline(rows)
     for h in head:
         console.print(h)
-    os.makedirs(args.out, exist_ok=True)
-    name = f"scfa_{'full' if args.full else 'headline'}{args.tag}_" + gpu.replace(" ", "_").replace("/", "_") + ".json"
-    with open(os.path.join(args.out, name), "w") as fh:
-        json.dump({"meta": meta, "targets": head, "rows": rows}, fh, indent=1)
+    save()
 
 
 if __name__ == "__main__":
