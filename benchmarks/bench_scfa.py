@@ -36,8 +36,8 @@ from flexsparse.patterns.drop import capacity_for_rate  # noqa: E402
 from flexsparse.patterns.permuted import make_mask_mod  # noqa: E402
 
 console = Console(width=160)
-flex_c = torch.compile(flex_attention)
-cbm_c = torch.compile(create_block_mask)
+flex_c = torch.compile(flex_attention, dynamic=False)
+cbm_c = torch.compile(create_block_mask, dynamic=False)
 
 
 def time_ms(fn, target_ms=400.0, min_iters=5, max_iters=200):
