@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import flex_attention
 
 from flexsparse import reference
+from flexsparse.patterns.blockmask import _normalize_block_size
 from flexsparse.patterns.drop import drop_block_mask
 from flexsparse.patterns.hash import hash_block_mask
 from flexsparse.patterns.permuted import PermutedBlockMask
@@ -46,8 +47,9 @@ def _flex(*args, **kwargs):
     up to 64 of them are kept (dynamo's default limit is 8)."""
     if torch.compiler.is_compiling():  # inside the user's compiled model: traced there
         return flex_attention(*args, **kwargs)
-    limit = max(64, torch._dynamo.config.cache_size_limit)
-    with torch._dynamo.config.patch(cache_size_limit=limit, accumulated_cache_size_limit=max(limit, torch._dynamo.config.accumulated_cache_size_limit)):
+    cfg = torch._dynamo.config
+    limit = max(64, cfg.cache_size_limit)
+    with cfg.patch(cache_size_limit=limit, accumulated_cache_size_limit=max(limit, cfg.accumulated_cache_size_limit)):
         return _compiled_flex()(*args, **kwargs)
 
 
@@ -70,13 +72,17 @@ def _choose_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
     return backend
 
 
-def _check_block_size(block_size) -> None:
-    sizes = block_size if isinstance(block_size, (tuple, list)) else (block_size,)
-    if len(sizes) not in (1, 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sizes):
-        raise ValueError(f"block_size must be a positive int or a (q_block, kv_block) pair, got {block_size!r}")
+def _prologue(q, k, v, a_name, a, b_name, b, kind, block_size, backend) -> tuple[str, int]:
+    """Validate the inputs of a permuted-pattern op; return ``(backend, N)``."""
+    B, Hq, Hkv, N, _, _ = _check_qkv(q, k, v, self_attention=True)
+    _check_per_token(a_name, a, b_name, b, kind, B=B, Hq=Hq, Hkv=Hkv, N=N)
+    _check_device(q, "q", **{a_name: a, b_name: b})
+    _normalize_block_size(block_size)
+    return _choose_backend(backend, q, k, v), N
 
 
-def _run_flex(q: Tensor, k: Tensor, v: Tensor, pm: PermutedBlockMask, scale: float, kernel_options) -> Tensor:
+def _run_flex(q: Tensor, k: Tensor, v: Tensor, pm: PermutedBlockMask, scale, kernel_options) -> Tensor:
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     q_s, k_s, v_s = pm.permute_q(q), pm.permute_kv(k), pm.permute_kv(v)
     fn = _flex if q.is_cuda else flex_attention
     out = fn(
@@ -121,14 +127,9 @@ def hash_sparse_attention(
     Returns:
         ``[B, Hq, N, D]`` in ``q.dtype``; a query with no allowed key outputs 0.
     """
-    B, Hq, Hkv, N, _, D = _check_qkv(q, k, v, self_attention=True)
-    _check_per_token("q_buckets", q_buckets, "k_buckets", k_buckets, "integer", B=B, Hq=Hq, Hkv=Hkv, N=N)
-    _check_device(q, "q", q_buckets=q_buckets, k_buckets=k_buckets)
-    _check_block_size(block_size)
-    backend = _choose_backend(backend, q, k, v)
+    backend, N = _prologue(q, k, v, "q_buckets", q_buckets, "k_buckets", k_buckets, "integer", block_size, backend)
     if backend == "reference" or N == 0:  # an empty sequence has no block mask
         return reference.hash_sparse_attention(q, k, v, q_buckets, k_buckets, scale=scale)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
     pm = hash_block_mask(
         q_buckets, k_buckets, n_buckets=n_buckets, align=align, block_size=block_size, validate=validate
     )
@@ -163,13 +164,8 @@ def qk_sparse_attention(
         ``[B, Hq, N, D]``. Dropped queries output exactly 0; a kept query whose causal keys were
         all dropped outputs 0 (never NaN).
     """
-    B, Hq, Hkv, N, _, D = _check_qkv(q, k, v, self_attention=True)
-    _check_per_token("q_keep", q_keep, "k_keep", k_keep, "bool", B=B, Hq=Hq, Hkv=Hkv, N=N)
-    _check_device(q, "q", q_keep=q_keep, k_keep=k_keep)
-    _check_block_size(block_size)
-    backend = _choose_backend(backend, q, k, v)
+    backend, N = _prologue(q, k, v, "q_keep", q_keep, "k_keep", k_keep, "bool", block_size, backend)
     if backend == "reference" or N == 0:
         return reference.qk_sparse_attention(q, k, v, q_keep, k_keep, scale=scale)
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
     pm = drop_block_mask(q_keep, k_keep, block_size=block_size, capacity=capacity, validate=validate)
     return _run_flex(q, k, v, pm, scale, kernel_options)

@@ -114,13 +114,9 @@ class HashSparseAttention(_SparseSelfAttention):
             rot = self._draw(x.device) if self.redraw else self.rotations
             q_buckets = self.buckets(q, rot) if q_buckets is None else q_buckets
             k_buckets = self.buckets(k, rot) if k_buckets is None else k_buckets
-        if given:  # user buckets: any ids
-            o = hash_sparse_attention(q, k, v, q_buckets, k_buckets, backend=self.backend, block_size=self.block_size)
-        else:  # our LSH ids lie in [0, n_buckets): fast counting sort, no validation needed
-            o = hash_sparse_attention(
-                q, k, v, q_buckets, k_buckets, backend=self.backend, block_size=self.block_size,
-                n_buckets=self.n_buckets, validate=False,
-            )
+        # our LSH ids lie in [0, n_buckets): fast counting sort, no validation sync; user ids: any
+        extra = {} if given else {"n_buckets": self.n_buckets, "validate": False}
+        o = hash_sparse_attention(q, k, v, q_buckets, k_buckets, backend=self.backend, block_size=self.block_size, **extra)
         return self._finish(o)
 
 

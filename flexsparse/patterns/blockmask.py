@@ -39,9 +39,11 @@ __all__ = [
 
 
 def _normalize_block_size(block_size) -> tuple[int, int]:
-    if isinstance(block_size, int):
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
         block_size = (block_size, block_size)
     try:
+        if len(block_size) != 2 or any(isinstance(x, bool) or int(x) != x for x in block_size):
+            raise ValueError
         qb, kb = (int(x) for x in block_size)
     except (TypeError, ValueError):
         raise ValueError(f"block_size must be an int or a (q_block, kv_block) pair, got {block_size!r}") from None

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from flexsparse.patterns.blockmask import _choose_impl, _is_capturing, _normalize_block_size
-from flexsparse.patterns.permuted import PermutedBlockMask, build_permuted, sorted_layout_torch
+from flexsparse.patterns.permuted import PermutedBlockMask, build_permuted, side_layout
 from flexsparse.reference import _check_per_token
 
 __all__ = ["capacity_for_rate", "drop_block_mask", "drop_capacity"]
@@ -65,18 +65,6 @@ def drop_capacity(
     return _round_capacity(N, block, need)
 
 
-def _layout(keep: Tensor, L: int, invalid_pos: int, impl: str):
-    B, H, N = keep.shape
-    keys = torch.where(keep, 0, -1).to(torch.int8).reshape(B * H, N)
-    if impl == "triton":
-        from flexsparse.kernels.layout import sorted_layout
-
-        src, dst, pos, _, flags = sorted_layout(keys, 1, L, invalid_pos=invalid_pos, with_bucket=False)
-    else:
-        src, dst, pos, _, flags = sorted_layout_torch(keys, 1, L, invalid_pos=invalid_pos, with_bucket=False)
-    return (src.view(B, H, L), dst.view(B, H, N), pos.view(B, H, L), None), flags
-
-
 def drop_block_mask(
     q_keep: Tensor,
     k_keep: Tensor,
@@ -112,8 +100,13 @@ def drop_block_mask(
     _normalize_block_size(block_size)
     L = drop_capacity(q_keep, k_keep, block_size, capacity, validate)
     impl = _choose_impl(impl, q_keep.device)
-    q_layout, q_flags = _layout(q_keep, L, -1, impl)
-    k_layout, k_flags = _layout(k_keep, L, N, impl)
+
+    def layout(keep, invalid_pos):  # one segment (kept tokens); dropped ones (key -1) get no slot
+        keys = torch.where(keep, 0, -1).to(torch.int8)
+        return side_layout(keys, 1, L, align=0, invalid_pos=invalid_pos, with_bucket=False, kernel=impl == "triton")
+
+    q_layout, q_flags = layout(q_keep, -1)
+    k_layout, k_flags = layout(k_keep, N)
     if L < N and N:  # every kept token must have found a slot
         torch._assert_async(
             torch.maximum(q_flags.max(), k_flags.max()) == 0, "drop_block_mask: capacity below a kept count"

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from flexsparse.patterns.blockmask import _choose_impl, _is_capturing, _normalize_block_size, _raise_if_flagged
-from flexsparse.patterns.permuted import PermutedBlockMask, build_permuted, sorted_layout_torch
+from flexsparse.patterns.permuted import PermutedBlockMask, build_permuted, side_layout
 from flexsparse.reference import _check_per_token
 
 __all__ = ["hash_block_mask", "hash_layout_length"]
@@ -41,19 +41,6 @@ def hash_layout_length(N: int, n_buckets: int | None, block_size: int | tuple[in
         return N, 0
     L = N + n_buckets * (blk - 1)
     return -(-L // blk) * blk, blk
-
-
-def _layout(keys: Tensor, n_buckets, L, blk, invalid_pos, impl):
-    B, H, N = keys.shape
-    flat = keys.reshape(B * H, N)
-    if n_buckets is not None and n_buckets <= _KERNEL_MAX_BUCKETS and impl == "triton":
-        from flexsparse.kernels.layout import sorted_layout
-
-        out = sorted_layout(flat, n_buckets, L, align=blk, invalid_pos=invalid_pos)
-    else:
-        out = sorted_layout_torch(flat, n_buckets, L, align=blk, invalid_pos=invalid_pos)
-    src, dst, pos, bkt, flags = out
-    return (src.view(B, H, L), dst.view(B, H, N), pos.view(B, H, L), bkt.view(B, H, L)), flags
 
 
 def hash_block_mask(
@@ -97,8 +84,9 @@ def hash_block_mask(
         raise ValueError(f"n_buckets must be a positive int or None, got {n_buckets!r}")
     L, blk = hash_layout_length(N, n_buckets, block_size, align)
     impl = _choose_impl(impl, q_buckets.device)
-    q_layout, q_flags = _layout(q_buckets, n_buckets, L, blk, -1, impl)
-    k_layout, k_flags = _layout(k_buckets, n_buckets, L, blk, N, impl)
+    kernel = impl == "triton" and n_buckets is not None and n_buckets <= _KERNEL_MAX_BUCKETS
+    q_layout, q_flags = side_layout(q_buckets, n_buckets, L, align=blk, invalid_pos=-1, with_bucket=True, kernel=kernel)
+    k_layout, k_flags = side_layout(k_buckets, n_buckets, L, align=blk, invalid_pos=N, with_bucket=True, kernel=kernel)
     if validate is None:
         validate = not _is_capturing()
     if validate and n_buckets is not None:

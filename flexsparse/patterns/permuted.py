@@ -36,6 +36,7 @@ from flexsparse.patterns.blockmask import (
     EMPTY,
     FULL,
     PARTIAL,
+    _cdiv,
     _choose_impl,
     _normalize_block_size,
     block_mask_from_states,
@@ -179,10 +180,6 @@ def gather_rows(x: Tensor, idx: Tensor, back: Tensor) -> Tensor:
     return _GatherRows.apply(x, idx, back)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _block_min_max(x: Tensor, bs: int, n_blocks: int) -> tuple[Tensor, Tensor]:
     """Per-block min and max of int64 ``x [B, H, N]`` over in-range elements only."""
     pad = n_blocks * bs - x.shape[-1]
@@ -286,6 +283,23 @@ def sorted_layout_torch(
         last = torch.where(filled, ar, -1).cummax(-1).values if L else ar
         bkt = torch.where(last >= 0, at.gather(1, last.clamp(min=0)), 0).to(out_dtype)
     return src.contiguous(), dst, pos.contiguous(), bkt, bad.int()
+
+
+def side_layout(
+    keys: Tensor, nb: int | None, L: int, *, align: int, invalid_pos: int, with_bucket: bool, kernel: bool
+) -> tuple[tuple[Tensor, Tensor, Tensor, Tensor | None], Tensor]:
+    """Layout of one side from integer ``keys [B, H, N]`` (see :func:`sorted_layout_torch`):
+    ``((src, dst, pos, bucket), flags [B*H])``, by the Triton kernel when ``kernel`` else by
+    the PyTorch twin."""
+    B, H, N = keys.shape
+    flat = keys.reshape(B * H, N)
+    if kernel:
+        from flexsparse.kernels.layout import sorted_layout as fn
+    else:
+        fn = sorted_layout_torch
+    src, dst, pos, bkt, flags = fn(flat, nb, L, align=align, invalid_pos=invalid_pos, with_bucket=with_bucket)
+    bkt = None if bkt is None else bkt.view(B, H, L)
+    return (src.view(B, H, L), dst.view(B, H, N), pos.view(B, H, L), bkt), flags
 
 
 def build_permuted(q_layout, k_layout, block_size, impl: str) -> PermutedBlockMask:
