@@ -24,6 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flexsparse  # noqa: E402
+import common  # noqa: E402
 from flexsparse import EMPTY, FULL, PARTIAL  # noqa: E402
 
 console = Console(width=140)
@@ -37,22 +38,8 @@ def bench(fn, warmup=25, rep=100, repeats=3):
 
 
 def graph_time(fn):
-    """Median GPU time of ``fn`` replayed from a CUDA graph (no Python or launch overhead), or
-    None if ``fn`` cannot be captured."""
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return bench(g.replay)
-    except Exception as e:  # noqa: BLE001 - report instead
-        console.print(f"[yellow]not capturable: {type(e).__name__}: {str(e)[:120]}[/]")
-        torch.cuda.synchronize()
-        return None
+    """Median GPU time of ``fn`` replayed from a CUDA graph, or None if it cannot be captured."""
+    return common.graph_time(fn, bench)
 
 
 def random_pattern(B, H, nQ, density, device="cuda"):

@@ -32,6 +32,7 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flexsparse  # noqa: E402
+import common  # noqa: E402
 from flexsparse.patterns.drop import capacity_for_rate  # noqa: E402
 from flexsparse.patterns.permuted import make_mask_mod  # noqa: E402
 
@@ -64,20 +65,7 @@ def time_ms(fn, target_ms=400.0, min_iters=5, max_iters=200):
 
 def graph_ms(fn):
     """GPU time of ``fn`` replayed from a CUDA graph (no host overhead), or None."""
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
-        return time_ms(g.replay)
-    except Exception as e:  # noqa: BLE001 - report instead
-        console.print(f"[yellow]not capturable: {type(e).__name__}: {str(e)[:160]}[/]")
-        torch.cuda.synchronize()
-        return None
+    return common.graph_time(fn, time_ms)
 
 
 def peak_mib(fn):
@@ -241,10 +229,8 @@ def run_shape(B, H, D, N, buckets, drops, baselines, plain, rows, modes=("fwd", 
     torch.cuda.empty_cache()
 
 
-def profile_headline():
-    """Where the time of one fwd+bwd goes (GPU kernels), headline shape."""
-    from torch.profiler import ProfilerActivity, profile
-
+def headline_inputs():
+    """Random bf16 inputs of the headline shape (B=4 H=48 D=64 S=16k), 16 buckets, 80% drop."""
     B, H, D, N = 4, 48, 64, 16384
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
@@ -252,6 +238,14 @@ def profile_headline():
     kb = torch.randint(0, 16, (B, H, N), device="cuda", dtype=torch.int32)
     qk = torch.rand(B, H, N, device="cuda") >= 0.8
     kk = torch.rand(B, H, N, device="cuda") >= 0.8
+    return (B, H, D, N), (q, k, v, do), (qb, kb), (qk, kk)
+
+
+def profile_headline():
+    """Where the time of one fwd+bwd goes (GPU kernels), headline shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    (B, H, D, N), (q, k, v, do), (qb, kb), (qk, kk) = headline_inputs()
     cases = {
         "hash16": lambda: flexsparse.hash_sparse_attention(q, k, v, qb, kb, backend="flex", n_buckets=16, validate=False),
         "drop0.8": lambda: flexsparse.qk_sparse_attention(
@@ -279,13 +273,7 @@ TUNE_VARIANTS = {
 
 def tune_headline(rows):
     """FlexAttention kernel options on the headline shape, fwd+bwd end to end."""
-    B, H, D, N = 4, 48, 64, 16384
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    do = torch.randn_like(q)
-    qb = torch.randint(0, 16, (B, H, N), device="cuda", dtype=torch.int32)
-    kb = torch.randint(0, 16, (B, H, N), device="cuda", dtype=torch.int32)
-    qk = torch.rand(B, H, N, device="cuda") >= 0.8
-    kk = torch.rand(B, H, N, device="cuda") >= 0.8
+    (B, H, D, N), (q, k, v, do), (qb, kb), (qk, kk) = headline_inputs()
     for name, opts in TUNE_VARIANTS.items():
         cases = {
             "hash16": lambda q, k, v: flexsparse.hash_sparse_attention(

@@ -4,6 +4,7 @@ import torch
 from torch.nn.attention.flex_attention import create_mask
 
 from flexsparse import EMPTY, FULL, block_states
+from flexsparse.testing import assert_close_to_ref
 
 
 def sorted_dense_mask(mask_orig, pm):
@@ -85,3 +86,19 @@ def build_checked(builder, a, b, device, **kw):
     for x, y in zip(pm_t.block_mask.as_tuple()[2:10], pm.block_mask.as_tuple()[2:10]):
         assert torch.equal(x.cpu(), y)
     return pm
+
+
+def check_fwd_bwd(out, inputs, do, reference):
+    """``out`` (a fast low-precision path applied to ``inputs``) and its gradients against
+    ``reference(*inputs)`` in float64, with the error of the same reference at the inputs'
+    precision as the yardstick."""
+    grads = torch.autograd.grad(out, inputs, do)
+    x64 = [t.detach().double().requires_grad_() for t in inputs]
+    out64 = reference(*x64)
+    g64 = torch.autograd.grad(out64, x64, do.double())
+    xl = [t.detach().clone().requires_grad_() for t in inputs]
+    outl = reference(*xl)
+    gl = torch.autograd.grad(outl, xl, do)
+    assert_close_to_ref("out", out, out64, outl)
+    for name, g, w, g_low in zip(("dq", "dk", "dv"), grads, g64, gl):
+        assert_close_to_ref(name, g, w, g_low)
