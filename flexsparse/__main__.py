@@ -251,6 +251,7 @@ class PatternRun:
     baseline: Callable[[torch.Tensor], torch.Tensor]
     expected_states: torch.Tensor | None = None  # what block_states(block_mask) must give back
     note: str = ""
+    kept_fraction: float | None = None  # for masks in sorted coordinates: kept / causal blocks at N
 
 
 @dataclass
@@ -336,12 +337,97 @@ def _setup_random_blocks(ctx: DemoContext) -> PatternRun:
     )
 
 
-#: The demo's patterns, in display order. Hash, drop and DashAttention patterns join this list.
+def _masked_rows_runs(ctx: DemoContext, pm, mask_rows: Callable[[torch.Tensor], torch.Tensor], note: str) -> PatternRun:
+    """A :class:`PatternRun` for a permuted pattern (``pm`` a PermutedBlockMask) whose dense mask
+    for a set of query rows is ``mask_rows(rows) -> [B, H, len(rows), N]``."""
+    from flexsparse import reference
+
+    q, k, v = ctx.q, ctx.k, ctx.v
+    B, H, N, _ = q.shape
+
+    def forward():
+        out = ctx.flex(pm.permute_q(q), pm.permute_kv(k), pm.permute_kv(v), block_mask=pm.block_mask)
+        return pm.unpermute_q(out)
+
+    def ref(rows):
+        return reference.attention(q[:, :, rows].double(), k.double(), v.double(), mask=mask_rows(rows))
+
+    def base(rows):  # SDPA at the input precision; rows with no allowed key are 0, as in the op
+        mask = mask_rows(rows)
+        out = torch.nn.functional.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=mask)
+        return torch.where(mask.any(-1, keepdim=True), out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+    n = _cdiv(N, ctx.block_size)
+    kept = (pm.states != EMPTY).sum().item() / (B * H * n * (n + 1) // 2)
+    return PatternRun(
+        block_mask=pm.block_mask, build=None, forward=forward, reference=ref, baseline=base,
+        expected_states=pm.states, note=note, kept_fraction=kept,
+    )
+
+
+def _setup_hash(ctx: DemoContext) -> PatternRun:
+    B, H, N, _ = ctx.q.shape
+    nb = 16
+    qb = torch.randint(0, nb, (B, H, N), generator=ctx.generator, device=ctx.device, dtype=torch.int32)
+    kb = torch.randint(0, nb, (B, H, N), generator=ctx.generator, device=ctx.device, dtype=torch.int32)
+
+    def build():
+        return flexsparse.hash_block_mask(qb, kb, n_buckets=nb, block_size=ctx.block_size, validate=False)
+
+    pm = build()
+
+    def mask_rows(rows):
+        causal = rows[:, None] >= torch.arange(N, device=rows.device)[None, :]
+        return (qb[:, :, rows, None] == kb[:, :, None, :]) & causal
+
+    run = _masked_rows_runs(
+        ctx, pm, mask_rows,
+        f"{nb} random buckets; picture in sorted order ({pm.length} slots: buckets start on block boundaries)"
+        if pm.length != N else f"{nb} random buckets; picture in sorted order",
+    )
+    run.build = build
+    return run
+
+
+def _setup_drop(ctx: DemoContext) -> PatternRun:
+    from flexsparse.patterns.drop import capacity_for_rate
+
+    B, H, N, _ = ctx.q.shape
+    rate = 0.8
+    qk = torch.rand(B, H, N, generator=ctx.generator, device=ctx.device) >= rate
+    kk = torch.rand(B, H, N, generator=ctx.generator, device=ctx.device) >= rate
+    cap = capacity_for_rate(N, rate, ctx.block_size)
+
+    def build():
+        return flexsparse.drop_block_mask(qk, kk, block_size=ctx.block_size, capacity=cap, validate=False)
+
+    pm = build()
+
+    def mask_rows(rows):
+        causal = rows[:, None] >= torch.arange(N, device=rows.device)[None, :]
+        return qk[:, :, rows, None] & kk[:, :, None, :] & causal
+
+    run = _masked_rows_runs(ctx, pm, mask_rows, f"{rate:.0%} of queries and keys dropped; compacted to {cap} slots")
+    run.build = build
+    return run
+
+
+#: The demo's patterns, in display order. DashAttention patterns join this list.
 PATTERNS: list[PatternEntry] = [
     PatternEntry(
         name="random-blocks",
         summary="causal random blocks at --density (the BlockMask builder on its own)",
         setup=_setup_random_blocks,
+    ),
+    PatternEntry(
+        name="hash",
+        summary="hash-sparse (SCFA): same bucket and causal; 16 buckets, sorted by bucket",
+        setup=_setup_hash,
+    ),
+    PatternEntry(
+        name="drop",
+        summary="query/key drop (SCFA): 80% of queries and keys dropped, the rest compacted",
+        setup=_setup_drop,
     ),
 ]
 
@@ -536,7 +622,7 @@ def _run_pattern(entry, ctx, dev, dtype, check_rows, FLOOR, max_abs_err, console
     roundtrip = None
     if run.expected_states is not None:
         roundtrip = bool(torch.equal(states.to(run.expected_states.device), run.expected_states))
-    kept = _kept_fraction(states)
+    kept = _kept_fraction(states) if run.kept_fraction is None else run.kept_fraction
 
     build_ms = _time_ms(run.build, dev)
 
