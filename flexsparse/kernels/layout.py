@@ -14,11 +14,19 @@ slots. Outputs per row:
 * ``flag [1]`` int32: 1 if the row held a key outside ``[0, nb)`` that was not ``-1`` (the
   caller decides whether to read it), or if the layout did not fit in ``L`` slots.
 
-Programs per (chunk of ``CH`` tokens, row): one launch counts each key per chunk, a cumulative
-sum over chunks gives every chunk its starting rank per key, a second launch places the tokens
-(rank inside the chunk = cumulative sum of one-hot rows) and fills the empty slots of its range.
-``O(N * nb)`` work per row: meant for small ``nb`` (the pattern falls back to a sort for large
-or unknown bucket counts).
+Three launches:
+
+1. per (chunk of ``CH`` tokens, row): how many tokens of each key the chunk holds;
+2. per row: segment starts and lengths, each chunk's first slot per key (start + tokens of the
+   same key in earlier chunks), the flag;
+3. per (chunk, row): place the chunk's tokens (slot = that first slot + rank inside the chunk)
+   and fill the chunk's range of empty slots.
+
+Ranks and counts inside a chunk use *packed counters*: a token of key ``b`` adds ``1 << (FB *
+(b % FPW))`` to word ``b // FPW`` of 64-bit words holding ``FPW`` fields of ``FB`` bits, so one
+1-D cumulative sum per word ranks ``FPW`` keys at once (8 keys per word for chunks of up to 255
+tokens). Work per token is ``O(nb / FPW)``; meant for small ``nb`` (the pattern falls back to a
+sort for large or unknown bucket counts).
 """
 
 from __future__ import annotations
@@ -28,8 +36,20 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _packed_word(key, valid, w, FB: tl.constexpr, FPW: tl.constexpr):
+    """For word ``w``: which tokens it counts, their field shift, and their packed increments."""
+    in_w = valid & (key >= w * FPW) & (key < (w + 1) * FPW)
+    sh = ((key - w * FPW) * FB).to(tl.int64)
+    one = tl.where(in_w, tl.full(key.shape, 1, tl.int64) << tl.where(in_w, sh, 0), 0)
+    return in_w, sh, one
+
+
 @triton.jit(do_not_specialize=["N", "C", "nb"])
-def _count_kernel(key_ptr, cnt_ptr, bad_ptr, N, C, nb, NB: tl.constexpr, CH: tl.constexpr):
+def _count_kernel(
+    key_ptr, cnt_ptr, bad_ptr, N, C, nb,
+    NB: tl.constexpr, CH: tl.constexpr, FB: tl.constexpr, FPW: tl.constexpr, NW: tl.constexpr,
+):
     """Per (chunk, row): tokens of each key in the chunk, and ids that are neither valid nor -1."""
     c = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1).to(tl.int64)
@@ -37,49 +57,88 @@ def _count_kernel(key_ptr, cnt_ptr, bad_ptr, N, C, nb, NB: tl.constexpr, CH: tl.
     offs = c * CH + tl.arange(0, CH)
     m = offs < N
     key = tl.load(key_ptr + row * N + offs, mask=m, other=-1).to(tl.int32)
-    hot = (key[:, None] == ids[None, :]) & (ids[None, :] < nb)
-    tl.store(cnt_ptr + (row * C + c) * NB + ids, tl.sum(hot.to(tl.int32), axis=0))
-    tl.store(bad_ptr + row * C + c, tl.sum((m & (key != -1) & ((key < 0) | (key >= nb))).to(tl.int32), axis=0))
+    valid = m & (key >= 0) & (key < nb)
+    cnt = tl.zeros([NB], dtype=tl.int32)
+    for w in tl.static_range(NW):
+        _, _, one = _packed_word(key, valid, w, FB, FPW)
+        tot = tl.sum(one, axis=0)
+        field = ((tot >> ((ids % FPW) * FB).to(tl.int64)) & ((1 << FB) - 1)).to(tl.int32)
+        cnt = tl.where(ids // FPW == w, field, cnt)
+    tl.store(cnt_ptr + (row * C + c) * NB + ids, cnt)
+    tl.store(bad_ptr + row * C + c, tl.sum((m & (key != -1) & ~valid).to(tl.int32), axis=0))
 
 
-@triton.jit(do_not_specialize=["N", "L", "C", "nb", "BS", "invalid_pos"])
-def _write_kernel(
-    key_ptr, pre_ptr, tot_ptr, bad_ptr, src_ptr, dst_ptr, pos_ptr, bkt_ptr, flag_ptr,
-    N, L, C, nb, BS, invalid_pos,
-    NB: tl.constexpr, CH: tl.constexpr, ALIGN: tl.constexpr, HAS_BKT: tl.constexpr, CB: tl.constexpr,
+@triton.jit(do_not_specialize=["L", "C", "BS"])
+def _scan_kernel(
+    cnt_ptr, bad_ptr, base_ptr, seg_ptr, flag_ptr, L, C, BS,
+    NB: tl.constexpr, CB: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    """Per (chunk, row): place the chunk's tokens (slot = segment start + tokens of the same key
-    in earlier chunks + rank inside the chunk) and fill the chunk's range of empty slots."""
-    c = tl.program_id(0).to(tl.int64)
-    row = tl.program_id(1).to(tl.int64)
+    """Per row: segment (start, count), each chunk's first slot per key, the flag."""
+    row = tl.program_id(0).to(tl.int64)
     ids = tl.arange(0, NB)
-    counts = tl.load(tot_ptr + row * NB + ids)
+    counts = tl.zeros([NB], dtype=tl.int32)
+    nbad = tl.sum(tl.zeros([CB], dtype=tl.int32), axis=0)
+    for c0 in range(0, C, CB):
+        cc = c0 + tl.arange(0, CB)
+        cm = cc < C
+        blk = tl.load(cnt_ptr + (row * C + cc[:, None]) * NB + ids[None, :], mask=cm[:, None], other=0)
+        counts += tl.sum(blk, axis=0)
+        nbad += tl.sum(tl.load(bad_ptr + row * C + cc, mask=cm, other=0), axis=0)
     if ALIGN:
         seglen = (counts + BS - 1) // BS * BS
     else:
         seglen = counts
     start = tl.cumsum(seglen, axis=0) - seglen
-    if c == 0:
-        nbad = (tl.sum(seglen, axis=0) > L).to(tl.int32)
-        for c0 in range(0, C, CB):
-            cc = c0 + tl.arange(0, CB)
-            nbad += tl.sum(tl.load(bad_ptr + row * C + cc, mask=cc < C, other=0), axis=0)
-        tl.store(flag_ptr + row, (nbad > 0).to(tl.int32))
-    # tokens of this chunk
+    tl.store(seg_ptr + row * 2 * NB + ids, start)
+    tl.store(seg_ptr + row * 2 * NB + NB + ids, counts)
+    nbad += (tl.sum(seglen, axis=0) > L).to(tl.int32)
+    tl.store(flag_ptr + row, (nbad > 0).to(tl.int32))
+    run = start
+    for c0 in range(0, C, CB):
+        cc = c0 + tl.arange(0, CB)
+        cm = cc < C
+        blk = tl.load(cnt_ptr + (row * C + cc[:, None]) * NB + ids[None, :], mask=cm[:, None], other=0)
+        incl = tl.cumsum(blk, axis=0)
+        tl.store(base_ptr + (row * C + cc[:, None]) * NB + ids[None, :], run[None, :] + incl - blk, mask=cm[:, None])
+        run += tl.sum(blk, axis=0)
+
+
+@triton.jit(do_not_specialize=["N", "L", "C", "nb", "BS", "invalid_pos"])
+def _write_kernel(
+    key_ptr, base_ptr, seg_ptr, src_ptr, dst_ptr, pos_ptr, bkt_ptr,
+    N, L, C, nb, BS, invalid_pos,
+    NB: tl.constexpr, CH: tl.constexpr, FB: tl.constexpr, FPW: tl.constexpr, NW: tl.constexpr,
+    ALIGN: tl.constexpr, HAS_BKT: tl.constexpr,
+):
+    """Per (chunk, row): place the chunk's tokens and fill the chunk's range of empty slots."""
+    c = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(1).to(tl.int64)
+    ids = tl.arange(0, NB)
+    # tokens of this chunk: slot = the chunk's first slot for the key + rank of the token
     offs = c * CH + tl.arange(0, CH)
     m = offs < N
     key = tl.load(key_ptr + row * N + offs, mask=m, other=-1).to(tl.int32)
-    hot = (key[:, None] == ids[None, :]) & (ids[None, :] < nb)
-    incl = tl.cumsum(hot.to(tl.int32), axis=0)
-    base = start + tl.load(pre_ptr + (row * C + tl.minimum(c, C - 1)) * NB + ids)
-    slot = tl.sum(tl.where(hot, incl - 1 + base[None, :], 0), axis=1)
-    valid = m & (tl.max(hot.to(tl.int32), axis=1) > 0) & (slot < L)
+    valid = m & (key >= 0) & (key < nb)
+    rank = tl.zeros([CH], dtype=tl.int32)
+    for w in tl.static_range(NW):
+        in_w, sh, one = _packed_word(key, valid, w, FB, FPW)
+        incl = tl.cumsum(one, axis=0)
+        rank = tl.where(in_w, ((incl >> sh) & ((1 << FB) - 1)).to(tl.int32), rank)
+    first = tl.load(base_ptr + (row * C + tl.minimum(c, C - 1)) * NB + tl.where(valid, key, 0), mask=valid, other=0)
+    slot = first + rank - 1
+    valid = valid & (slot < L)
     tl.store(src_ptr + row * L + slot, offs.to(tl.int32), mask=valid)
     tl.store(pos_ptr + row * L + slot, offs.to(tl.int32), mask=valid)
     if HAS_BKT:
         tl.store(bkt_ptr + row * L + slot, key, mask=valid)
     tl.store(dst_ptr + row * N + offs, tl.where(valid, slot, L).to(tl.int32), mask=m)
     # empty slots in this chunk's range of slots
+    start = tl.load(seg_ptr + row * 2 * NB + ids)
+    counts = tl.load(seg_ptr + row * 2 * NB + NB + ids)
+    if ALIGN:
+        seglen = (counts + BS - 1) // BS * BS
+    else:
+        seglen = counts
     slots = c * CH + tl.arange(0, CH)
     sm = slots < L
     inseg = (slots[:, None] >= start[None, :]) & (slots[:, None] < (start + seglen)[None, :])
@@ -94,14 +153,23 @@ def _write_kernel(
         tl.store(bkt_ptr + row * L + slots, seg.to(tl.int32), mask=empty)
 
 
+def _tiles(nb: int) -> tuple[int, int, int, int, int]:
+    """``(NB, CH, FB, FPW, NW)``: padded key count, chunk length, field bits, fields per 64-bit
+    word, words. Fields must hold a whole chunk's count: 8 bits up to 255 tokens, else 16."""
+    NB = max(2, triton.next_power_of_2(nb))
+    CH = 1024 if NB <= 4 else 128
+    FB = 8 if CH < 256 else 16
+    FPW = 64 // FB
+    return NB, CH, FB, FPW, triton.cdiv(NB, FPW)
+
+
 def sorted_layout(
     keys: torch.Tensor, nb: int, L: int, *, align: int = 0, invalid_pos: int = -1, with_bucket: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """``(src [R, L], dst [R, N], pos [R, L], bkt [R, L] | None, flags [R])`` (all int32) for
     integer ``keys [R, N]``; ``align`` = block size to align segments to (0 = packed).
 
-    Two launches over ``(chunk, row)`` programs (counts, then placement) with a cumulative sum
-    over chunks between them."""
+    Three launches: counts per (chunk, row), a scan per row, placement per (chunk, row)."""
     R, N = keys.shape
     keys = keys.contiguous()
     dev = keys.device
@@ -109,27 +177,31 @@ def sorted_layout(
     dst = torch.empty(R, N, dtype=torch.int32, device=dev)
     pos = torch.empty(R, L, dtype=torch.int32, device=dev)
     bkt = torch.empty(R, L, dtype=torch.int32, device=dev) if with_bucket else None
-    flags = torch.zeros(R, dtype=torch.int32, device=dev)
+    flags = torch.empty(R, dtype=torch.int32, device=dev)
     if R == 0 or N == 0:
+        flags.zero_()
         if L:
             src.fill_(N)
             pos.fill_(invalid_pos)
             if bkt is not None:
                 bkt.zero_()
         return src, dst, pos, bkt, flags
-    NB = max(2, triton.next_power_of_2(nb))
-    CH = max(16, min(1024, 2048 // NB))  # small tiles: no register spills, many programs
+    NB, CH, FB, FPW, NW = _tiles(nb)
     C = triton.cdiv(N, CH)
-    cnt = torch.empty(R, C, NB, dtype=torch.int32, device=dev)
-    bad = torch.empty(R, C, dtype=torch.int32, device=dev)
+    # one scratch allocation: counts and first slots [R, C, NB], segments [R, 2, NB], bad [R, C]
+    scratch = torch.empty(R * (2 * C * NB + 2 * NB + C), dtype=torch.int32, device=dev)
+    cnt = scratch[: R * C * NB]
+    base = scratch[R * C * NB : 2 * R * C * NB]
+    seg = scratch[2 * R * C * NB : 2 * R * C * NB + 2 * R * NB]
+    bad = scratch[2 * R * C * NB + 2 * R * NB :]
     warps = 4
-    _count_kernel[(C, R)](keys, cnt, bad, N, C, nb, NB=NB, CH=CH, num_warps=warps)
-    tot = cnt.sum(1, dtype=torch.int32)
-    pre = cnt.cumsum(1, dtype=torch.int32) - cnt
+    _count_kernel[(C, R)](keys, cnt, bad, N, C, nb, NB=NB, CH=CH, FB=FB, FPW=FPW, NW=NW, num_warps=warps)
+    CB = max(1, min(128, 4096 // NB))
+    _scan_kernel[(R,)](cnt, bad, base, seg, flags, L, C, max(1, align), NB=NB, CB=CB, ALIGN=align > 0, num_warps=4)
     grid = (max(C, triton.cdiv(L, CH)), R)
     _write_kernel[grid](
-        keys, pre, tot, bad, src, dst, pos, src if bkt is None else bkt, flags,
+        keys, base, seg, src, dst, pos, src if bkt is None else bkt,
         N, L, C, nb, max(1, align), invalid_pos,
-        NB=NB, CH=CH, ALIGN=align > 0, HAS_BKT=with_bucket, CB=1024, num_warps=warps,
+        NB=NB, CH=CH, FB=FB, FPW=FPW, NW=NW, ALIGN=align > 0, HAS_BKT=with_bucket, num_warps=warps,
     )
     return src, dst, pos, bkt, flags
