@@ -165,13 +165,12 @@ def _states_to_lists(states: torch.Tensor, impl: str, validate: bool) -> tuple[t
         if validate and bool(((states < 0) | (states > FULL)).any()):
             raise ValueError("states must hold only EMPTY=0, PARTIAL=1 or FULL=2")
         return _compact_torch(states)
-    from flexsparse.kernels.blockmask import Workspace, compact_block_states
+    from flexsparse import ops
 
-    ws = Workspace(*states.shape, states.device, with_states=False)
-    compact_block_states(states, ws)
+    lists, flags = ops.compact_block_states(states)
     if validate:
-        _raise_if_flagged(ws.compact_flags, "states must hold only EMPTY=0, PARTIAL=1 or FULL=2")
-    return ws.lists
+        _raise_if_flagged(flags, "states must hold only EMPTY=0, PARTIAL=1 or FULL=2")
+    return lists
 
 
 def block_mask_from_states(
@@ -280,14 +279,12 @@ def build_block_mask(
             raise ValueError(bad_msg)
         lists = _compact_torch(states)
     else:
-        from flexsparse.kernels.blockmask import Workspace, compact_block_states, scatter_block_lists
+        from flexsparse import ops
 
-        ws = Workspace(idx.shape[0], idx.shape[1], nQ, nKV, idx.device, with_states=True)
-        scatter_block_lists(num, idx, fnum, fidx, ws.states, ws.scatter_flags)
-        compact_block_states(ws.states, ws)  # states written by the scatter are all valid
+        states, flags = ops.scatter_block_lists(num, idx, fnum, fidx, nKV)
+        lists, _ = ops.compact_block_states(states)  # states written by the scatter are all valid
         if validate:
-            _raise_if_flagged(ws.scatter_flags, bad_msg)
-        lists = ws.lists
+            _raise_if_flagged(flags, bad_msg)
     return _make_block_mask(lists, (q_len, kv_len), (qb, kb), mask_mod)
 
 
@@ -309,12 +306,9 @@ def block_states(block_mask: BlockMask, impl: Impl = "auto") -> torch.Tensor:
     num, idx, fnum, fidx = (prep(t) for t in (num, idx, fnum, fidx))
     if impl == "torch":
         return _scatter_torch(num, idx, fnum, fidx, nKV)[0]
-    from flexsparse.kernels.blockmask import scatter_block_lists
+    from flexsparse import ops
 
-    B, H, nQ = num.shape
-    states = torch.empty(B, H, nQ, nKV, dtype=torch.int8, device=idx.device)
-    scatter_block_lists(num, idx, fnum, fidx, states, torch.empty(B * H * nQ, dtype=torch.int32, device=idx.device))
-    return states
+    return ops.scatter_block_lists(num, idx, fnum, fidx, nKV)[0]
 
 
 def states_mask_mod(

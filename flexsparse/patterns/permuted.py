@@ -136,18 +136,12 @@ class PermutedBlockMask:
 
 
 def _use_triton_gather(x: Tensor) -> bool:
-    if torch.compiler.is_compiling():
-        return False  # Inductor fuses the PyTorch expression into one kernel
     if x.is_cuda:
         return True
     return x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _gather_rows_impl(x: Tensor, idx: Tensor) -> Tensor:
-    if _use_triton_gather(x):
-        from flexsparse.kernels.permute import gather_rows as kernel
-
-        return kernel(x, idx)
+def _gather_rows_torch(x: Tensor, idx: Tensor) -> Tensor:
     M = x.shape[2]
     idx = idx.long()
     valid = (idx >= 0) & (idx < M)
@@ -156,28 +150,19 @@ def _gather_rows_impl(x: Tensor, idx: Tensor) -> Tensor:
     return torch.where(valid.unsqueeze(-1), out, out.new_zeros(()))
 
 
-class _GatherRows(torch.autograd.Function):
-    """``out[b,h,i] = x[b,h,idx[b,h,i]]`` (0 for out-of-range ``idx``), with ``idx`` injective on
-    its in-range entries and ``back[b,h,j]`` the row of ``out`` that row ``j`` of ``x`` went to
-    (out of range where none): the gradient is a gather too."""
-
-    @staticmethod
-    def forward(x: Tensor, idx: Tensor, back: Tensor) -> Tensor:
-        return _gather_rows_impl(x, idx)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[2])
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (back,) = ctx.saved_tensors
-        return _gather_rows_impl(grad, back), None, None
-
-
 def gather_rows(x: Tensor, idx: Tensor, back: Tensor) -> Tensor:
-    """Differentiable row gather ``[B, H, M, D] -> [B, H, L, D]`` (see :class:`_GatherRows`)."""
-    return _GatherRows.apply(x, idx, back)
+    """Differentiable row gather ``[B, H, M, D] -> [B, H, L, D]``: ``out[b,h,i] = x[b,h,idx[b,h,i]]``
+    (0 for out-of-range ``idx``), with ``idx`` injective on its in-range entries and ``back[b,h,j]``
+    the row of ``out`` that row ``j`` of ``x`` went to (out of range where none).
+
+    On CUDA (or under the Triton interpreter) the registered Triton op
+    :func:`flexsparse.ops.gather_rows`, whose gradient is the gather by ``back``, also inside
+    ``torch.compile``; elsewhere PyTorch ops (autograd differentiates them)."""
+    if _use_triton_gather(x):
+        from flexsparse import ops
+
+        return ops.gather_rows(x, idx, back)
+    return _gather_rows_torch(x, idx)
 
 
 def _block_min_max(x: Tensor, bs: int, n_blocks: int) -> tuple[Tensor, Tensor]:
@@ -294,7 +279,7 @@ def side_layout(
     B, H, N = keys.shape
     flat = keys.reshape(B * H, N)
     if kernel:
-        from flexsparse.kernels.layout import sorted_layout as fn
+        from flexsparse.ops import sorted_layout as fn
     else:
         fn = sorted_layout_torch
     src, dst, pos, bkt, flags = fn(flat, nb, L, align=align, invalid_pos=invalid_pos, with_bucket=with_bucket)
@@ -312,11 +297,11 @@ def build_permuted(q_layout, k_layout, block_size, impl: str) -> PermutedBlockMa
     G = Hq // k_src.shape[1]
     impl = _choose_impl(impl, q_src.device)
     if impl == "triton":
-        from flexsparse.kernels import hash as kernels
+        from flexsparse import ops
 
-        q_stats = kernels.block_stats(q_pos, q_bucket, qb, skip_negative=True)
-        k_stats = kernels.block_stats(k_pos, k_bucket, kb)
-        states = kernels.sorted_block_states(q_stats, k_stats, G)
+        q_stats = ops.block_stats(q_pos, q_bucket, qb, skip_negative=True)
+        k_stats = ops.block_stats(k_pos, k_bucket, kb)
+        states = ops.sorted_block_states(q_stats, k_stats, G)
     else:
         states = states_torch(block_stats(q_pos, q_bucket, qb, True), block_stats(k_pos, k_bucket, kb), G)
     mod = make_mask_mod(q_pos, k_pos, G, q_bucket, k_bucket)

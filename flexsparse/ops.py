@@ -1,0 +1,326 @@
+"""``torch.library`` registration of flexsparse's Triton kernels (namespace ``flexsparse``).
+
+Each kernel launcher of :mod:`flexsparse.kernels` is registered once, as an operator with an
+exact fake (meta) implementation, so ``torch.compile(fullgraph=True)`` traces calls to it
+without a graph break:
+
+* CUDA builds: ``torch.library.triton_op``. Inductor decomposes the op into its Triton kernel
+  launches (the launcher runs with every Triton kernel of its module wrapped by
+  ``torch.library.wrap_triton``) and schedules them like its own kernels.
+* ``TRITON_INTERPRET=1`` (CPU CI) or no Triton: an opaque ``torch.library.custom_op``. Tracing a
+  ``triton_op`` would reach the interpreted kernel with fake tensors; the opaque op only runs its
+  fake implementation while tracing and the interpreted kernels when the compiled code runs.
+
+The choice is made once, when this module is imported (set ``TRITON_INTERPRET`` before). The
+patterns import this module lazily, so ``import flexsparse`` imports neither Triton nor Inductor.
+
+Operators (all outputs freshly allocated, int32 unless said; no input is mutated):
+
+* ``sorted_layout(keys [R,N], nb, L, align, invalid_pos, with_bucket)`` -> ``src [R,L]``,
+  ``dst [R,N]``, ``pos [R,L]``, ``bkt [R,L]`` (``[R,0]`` without ``with_bucket``), ``flags [R]``.
+* ``block_stats(pos [B,H,N], bucket [B,H,N]?, block_size, skip_negative)`` -> int64
+  ``[B,H,nBlocks,4]``.
+* ``sorted_block_states(q_stats [B,Hq,nQ,4], k_stats [B,Hkv,nKV,4], groups)`` -> int8
+  ``[B,Hq,nQ,nKV]``.
+* ``scatter_block_lists(num [B,H,nQ], idx [B,H,nQ,W], full_num?, full_idx?, n_kv)`` -> int8
+  ``states [B,H,nQ,n_kv]``, ``flags [B*H*nQ]``.
+* ``compact_block_states(states [B,H,nQ,nKV] int8)`` -> one int32 workspace holding the eight
+  BlockMask lists and the flags (:func:`compact_block_states` returns them as views).
+* ``gather_rows(x [B,H,M,D], idx [B,H,L], back [B,H,M])`` -> ``[B,H,L,D]`` in ``x.dtype``, with
+  a registered autograd formula (the gradient is the gather by ``back``).
+
+The Python functions below have the launchers' signatures and are what the patterns call.
+"""
+
+import os
+import types
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "OPAQUE",
+    "sorted_layout",
+    "block_stats",
+    "sorted_block_states",
+    "scatter_block_lists",
+    "compact_block_states",
+    "gather_rows",
+]
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+#: True when the ops are opaque ``custom_op``s (``TRITON_INTERPRET=1`` or no Triton), False when
+#: they are ``triton_op``s that Inductor traces into.
+OPAQUE = os.environ.get("TRITON_INTERPRET", "0") == "1" or not _has_triton()
+
+
+# ----------------------------------------------------------------------------------------------
+# registration machinery
+
+
+def _rebind(fn: types.FunctionType, globs: dict) -> types.FunctionType:
+    new = types.FunctionType(fn.__code__, globs, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    return new
+
+
+def _traceable(launcher: types.FunctionType) -> types.FunctionType:
+    """A copy of ``launcher`` whose module globals show every Triton kernel wrapped by
+    ``wrap_triton`` (so the launches become traceable higher-order ops); plain functions of the
+    same module are rebound alike, so helpers that launch kernels are covered too. The module
+    itself is left untouched."""
+    from torch.library import wrap_triton
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    src = launcher.__globals__
+    globs = dict(src)
+    for name, value in src.items():
+        if isinstance(value, (JITFunction, Autotuner)):
+            globs[name] = wrap_triton(value)
+        elif isinstance(value, types.FunctionType) and value.__globals__ is src:
+            globs[name] = _rebind(value, globs)
+    return _rebind(launcher, globs)
+
+
+def _launcher(launcher: types.FunctionType) -> Callable:
+    """The launcher to run inside an op body: as is when executing (``triton_op`` turns
+    ``wrap_triton`` off for real tensors; opaque ops always execute), traceable while Inductor
+    decomposes a ``triton_op``."""
+    if OPAQUE:
+        return launcher
+    from torch._library.triton import is_wrap_triton_enabled
+
+    return _traceable(launcher) if is_wrap_triton_enabled() else launcher
+
+
+def _register(name: str, kernel_module: str, fake: Callable) -> Callable:
+    """Register ``fn`` as ``flexsparse::name`` (``triton_op`` or opaque ``custom_op``) with the
+    explicit fake implementation ``fake``."""
+
+    def deco(fn: Callable):
+        qualname = f"flexsparse::{name}"
+        if OPAQUE:
+            op = torch.library.custom_op(qualname, fn, mutates_args=())
+        else:
+            op = torch.library.triton_op(qualname, fn, mutates_args=())
+            _record_kernels(qualname, kernel_module)
+        op.register_fake(fake)
+        return op
+
+    return deco
+
+
+def _record_kernels(qualname: str, kernel_module: str) -> None:
+    """Tell AOTAutograd's cache which Triton kernels a ``triton_op`` runs (it cannot find them
+    through the launcher), so editing a kernel invalidates cached compiled graphs."""
+    import importlib
+
+    from triton.runtime.jit import JITFunction
+
+    mod = importlib.import_module(f"flexsparse.kernels.{kernel_module}")
+    kernels = [v for v in vars(mod).values() if isinstance(v, JITFunction)]
+    try:
+        from torch._library import triton as lib_triton
+
+        lib_triton.triton_ops_to_kernels[qualname] = kernels
+    except (ImportError, AttributeError):  # private table: a cache-key detail only
+        pass
+
+
+def _kernels(module: str):
+    import importlib
+
+    return importlib.import_module(f"flexsparse.kernels.{module}")
+
+
+# ----------------------------------------------------------------------------------------------
+# sorted layout (counting sort)
+
+
+def _sorted_layout_fake(keys, nb, L, align, invalid_pos, with_bucket):
+    R, N = keys.shape
+    new = lambda *s: keys.new_empty(s, dtype=torch.int32)  # noqa: E731
+    return new(R, L), new(R, N), new(R, L), new(R, L if with_bucket else 0), new(R)
+
+
+@_register("sorted_layout", "layout", _sorted_layout_fake)
+def _sorted_layout_op(
+    keys: Tensor, nb: int, L: int, align: int, invalid_pos: int, with_bucket: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    fn = _launcher(_kernels("layout").sorted_layout)
+    src, dst, pos, bkt, flags = fn(keys, nb, L, align=align, invalid_pos=invalid_pos, with_bucket=with_bucket)
+    if bkt is None:
+        bkt = keys.new_empty((keys.shape[0], 0), dtype=torch.int32)
+    return src, dst, pos, bkt, flags
+
+
+def sorted_layout(
+    keys: Tensor, nb: int, L: int, *, align: int = 0, invalid_pos: int = -1, with_bucket: bool = True
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
+    """Registered :func:`flexsparse.kernels.layout.sorted_layout`: ``(src [R, L], dst [R, N],
+    pos [R, L], bkt [R, L] | None, flags [R])``, all int32, for integer ``keys [R, N]``."""
+    src, dst, pos, bkt, flags = torch.ops.flexsparse.sorted_layout(keys, nb, L, align, invalid_pos, with_bucket)
+    return src, dst, pos, (bkt if with_bucket else None), flags
+
+
+# ----------------------------------------------------------------------------------------------
+# block statistics and states of sorted layouts
+
+
+def _block_stats_fake(pos, bucket, block_size, skip_negative):
+    B, H, N = pos.shape
+    return pos.new_empty((B, H, -(-N // block_size), 4), dtype=torch.int64)
+
+
+@_register("block_stats", "hash", _block_stats_fake)
+def _block_stats_op(pos: Tensor, bucket: Optional[Tensor], block_size: int, skip_negative: bool) -> Tensor:
+    return _launcher(_kernels("hash").block_stats)(pos, bucket, block_size, skip_negative)
+
+
+def block_stats(pos: Tensor, bucket: Tensor | None, block_size: int, skip_negative: bool = False) -> Tensor:
+    """Registered :func:`flexsparse.kernels.hash.block_stats`: int64 ``[B, H, nBlocks, 4]`` =
+    (pos_min, pos_max, bucket_min, bucket_max) per block of ``pos [B, H, N]`` (and ``bucket``)."""
+    return torch.ops.flexsparse.block_stats(pos, bucket, block_size, skip_negative)
+
+
+def _sorted_block_states_fake(q_stats, k_stats, groups):
+    B, Hq, nQ, _ = q_stats.shape
+    return q_stats.new_empty((B, Hq, nQ, k_stats.shape[2]), dtype=torch.int8)
+
+
+@_register("sorted_block_states", "hash", _sorted_block_states_fake)
+def _sorted_block_states_op(q_stats: Tensor, k_stats: Tensor, groups: int) -> Tensor:
+    return _launcher(_kernels("hash").sorted_block_states)(q_stats, k_stats, groups)
+
+
+def sorted_block_states(q_stats: Tensor, k_stats: Tensor, groups: int) -> Tensor:
+    """Registered :func:`flexsparse.kernels.hash.sorted_block_states`: int8 ``[B, Hq, nQ, nKV]``
+    block states from int64 ``q_stats [B, Hq, nQ, 4]`` and ``k_stats [B, Hkv, nKV, 4]``."""
+    return torch.ops.flexsparse.sorted_block_states(q_stats, k_stats, groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# block lists <-> block states
+
+
+def _scatter_fake(num, idx, full_num, full_idx, n_kv):
+    B, H, nQ, _ = idx.shape
+    return idx.new_empty((B, H, nQ, n_kv), dtype=torch.int8), idx.new_empty((B * H * nQ,), dtype=torch.int32)
+
+
+@_register("scatter_block_lists", "blockmask", _scatter_fake)
+def _scatter_op(
+    num: Tensor, idx: Tensor, full_num: Optional[Tensor], full_idx: Optional[Tensor], n_kv: int
+) -> tuple[Tensor, Tensor]:
+    states, flags = _scatter_fake(num, idx, full_num, full_idx, n_kv)
+    _launcher(_kernels("blockmask").scatter_block_lists)(num, idx, full_num, full_idx, states, flags)
+    return states, flags
+
+
+def scatter_block_lists(
+    num: Tensor, idx: Tensor, full_num: Tensor | None, full_idx: Tensor | None, n_kv: int
+) -> tuple[Tensor, Tensor]:
+    """Registered :func:`flexsparse.kernels.blockmask.scatter_block_lists`: ``(states, flags)``,
+    the int8 state map ``[B, H, nQ, n_kv]`` of int32 contiguous lists ``num [B, H, nQ]``,
+    ``idx [B, H, nQ, W]`` (and the optional full lists), and int32 ``flags [B*H*nQ]`` (1 where a
+    row held an invalid index or count)."""
+    return torch.ops.flexsparse.scatter_block_lists(num, idx, full_num, full_idx, n_kv)
+
+
+def _round4(n):
+    return -(-n // 4) * 4
+
+
+def _workspace_layout(B, H, nQ, nKV):
+    """``(views, flags_view, total)``: the int32 layout of
+    :class:`flexsparse.kernels.blockmask.Workspace` (the compaction kernel computes the same
+    offsets) up to its compaction flags, as ``(shape, stride, offset)`` triples (eight lists,
+    then the flags) and the length in elements. Regions are rounded up to 4 elements; the
+    rounding padding is never written."""
+    BH = B * H
+    n_q, n_kv, n_map = _round4(BH * nQ), _round4(BH * nKV), _round4(BH * nQ * nKV)
+    num_kv = ((B, H, nQ), (H * nQ, nQ, 1), n_q)
+    idx_kv = ((B, H, nQ, nKV), (H * nQ * nKV, nQ * nKV, nKV, 1), n_map)
+    num_q = ((B, H, nKV), (H * nKV, nKV, 1), n_kv)
+    idx_q = ((B, H, nKV, nQ), (H * nKV * nQ, nKV * nQ, nQ, 1), n_map)
+    off, views = 0, []
+    for shape, stride, size in (num_kv, idx_kv, num_kv, idx_kv, num_q, idx_q, num_q, idx_q):
+        views.append((shape, stride, off))
+        off += size
+    flags = ((BH * (nQ + nKV),), (1,), off)
+    return views, flags, off + _round4(BH * (nQ + nKV))
+
+
+def _compact_fake(states):
+    return states.new_empty((_workspace_layout(*states.shape)[2],), dtype=torch.int32)
+
+
+@_register("compact_block_states", "blockmask", _compact_fake)
+def _compact_op(states: Tensor) -> Tensor:
+    km = _kernels("blockmask")
+    ws = km.Workspace(*states.shape, states.device, with_states=False)
+    _launcher(km.compact_block_states)(states, ws)
+    return ws.base[: _workspace_layout(*states.shape)[2]]  # without the scatter flags
+
+
+def compact_block_states(states: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
+    """Registered :func:`flexsparse.kernels.blockmask.compact_block_states`: ``(lists, flags)``
+    for a contiguous int8 state map ``[B, H, nQ, nKV]``.
+
+    ``lists`` are the eight int32 contiguous BlockMask tensors ``kv_num [B,H,nQ]``,
+    ``kv_idx [B,H,nQ,nKV]``, ``full_kv_*`` alike, ``q_num [B,H,nKV]``, ``q_idx [B,H,nKV,nQ]``,
+    ``full_q_*`` alike; ``flags`` int32 ``[B*H*(nQ+nKV)]`` is 1 for each output row that met a
+    state outside {0, 1, 2}. All are views of the op's one output buffer."""
+    base = torch.ops.flexsparse.compact_block_states(states)
+    views, (fshape, fstride, foff), _ = _workspace_layout(*states.shape)
+    lists = tuple(base.as_strided(shape, stride, off) for shape, stride, off in views)
+    return lists, base.as_strided(fshape, fstride, foff)
+
+
+# ----------------------------------------------------------------------------------------------
+# row gather with inverse-gather backward
+
+
+def _gather_fake(x, idx, back):
+    B, H, _, D = x.shape
+    return x.new_empty((B, H, idx.shape[-1], D))
+
+
+@_register("gather_rows", "permute", _gather_fake)
+def _gather_op(x: Tensor, idx: Tensor, back: Tensor) -> Tensor:
+    return _launcher(_kernels("permute").gather_rows)(x, idx)
+
+
+def _gather_setup(ctx, inputs, output):
+    _, idx, back = inputs
+    ctx.save_for_backward(idx, back)
+
+
+def _gather_backward(ctx, grad):
+    idx, back = ctx.saved_tensors
+    return torch.ops.flexsparse.gather_rows(grad, back, idx), None, None
+
+
+_gather_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def gather_rows(x: Tensor, idx: Tensor, back: Tensor) -> Tensor:
+    """Registered, differentiable :func:`flexsparse.kernels.permute.gather_rows`.
+
+    ``out[b,h,i] = x[b,h,idx[b,h,i]]`` (zero rows where ``idx`` is outside ``[0, M)``):
+    contiguous ``[B, H, L, D]`` from ``x [B, H, M, D]`` and int ``idx [B, H, L]``. ``idx`` must be
+    injective on its in-range entries and ``back [B, H, M]`` its inverse (``back[b,h,j]`` = the
+    row of ``out`` that row ``j`` of ``x`` went to, out of range where none): the gradient of
+    ``x`` is then the gather of the output gradient by ``back``."""
+    return torch.ops.flexsparse.gather_rows(x, idx, back)
