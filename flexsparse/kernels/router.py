@@ -347,11 +347,12 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-def _row_config(D: int, blocks: dict | None) -> tuple[int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps)`` of the per-query-head kernels."""
+def _row_config(D: int, blocks: dict | None, device: torch.device) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` of the per-query-head kernels (small chunk tiles on
+    CPU, where the interpreter's cost is per tile and tests need several tiles per row)."""
     bd = _block_d(D)
     block_m = 64
-    block_n = 64 if bd <= 128 else 32
+    block_n = (64 if bd <= 128 else 32) if device.type == "cuda" else 16
     warps = 4 if bd <= 64 else 8
     if blocks:
         block_m = blocks.get("BLOCK_M", block_m)
@@ -360,7 +361,7 @@ def _row_config(D: int, blocks: dict | None) -> tuple[int, int, int]:
     return block_m, block_n, warps
 
 
-def _group_config(G: int, D: int, blocks: dict | None) -> tuple[int, int, int, int]:
+def _group_config(G: int, D: int, blocks: dict | None, device: torch.device) -> tuple[int, int, int, int]:
     """``(BLOCK_G, BLOCK_R, BLOCK_N, num_warps)`` of the group-stacked kernels (M = G_pad * R)."""
     block_g = triton.next_power_of_2(G)
     bd = _block_d(D)
@@ -368,7 +369,7 @@ def _group_config(G: int, D: int, blocks: dict | None) -> tuple[int, int, int, i
     block_r = max(1, block_m // block_g)
     if block_g * block_r < 16:
         block_r = 16 // block_g
-    block_n = 64 if bd <= 128 else 32
+    block_n = (64 if bd <= 128 else 32) if device.type == "cuda" else 16
     warps = 4 if bd <= 64 else 8
     if blocks:
         block_r = blocks.get("BLOCK_R", block_r)
@@ -408,7 +409,7 @@ def router_tau(
         out = torch.empty(B, Hq, N, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    block_m, block_n, warps = _row_config(D, blocks)
+    block_m, block_n, warps = _row_config(D, blocks, q.device)
     grid = (triton.cdiv(N, block_m), B * Hq)
     _tau_kernel[grid](
         q, kbar, out, Hq, G, N, NF, chunk_size, D, xs,
@@ -440,7 +441,7 @@ def router_pbar(
         out = torch.empty(B, Hkv, N, NF, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    block_g, block_r, block_n, warps = _group_config(G, D, blocks)
+    block_g, block_r, block_n, warps = _group_config(G, D, blocks, q.device)
     grid = (triton.cdiv(N, block_r), B * Hkv)
     _pbar_kernel[grid](
         q, kbar, tau, out, Hkv, G, N, NF, chunk_size, D, xs, 1.0 / G,
@@ -497,7 +498,7 @@ def router_backward(
     if q.numel() == 0:
         return dq, dkbar, r
     prec = _dot_prec(q.dtype)
-    block_m, block_n, warps = _row_config(D, blocks)
+    block_m, block_n, warps = _row_config(D, blocks, q.device)
     _dq_kernel[(triton.cdiv(N, block_m), B * Hq)](
         q, kbar, tau, dpbar, r, dq, Hq, G, N, NF, chunk_size, D, xs, float(zscale), 1.0 / G,
         q.stride(0), q.stride(1), q.stride(2), kbar.stride(0), kbar.stride(1), kbar.stride(2),
@@ -505,7 +506,7 @@ def router_backward(
     )
     if NF == 0:
         return dq, dkbar, r
-    block_g, block_r, block_n, warps = _group_config(G, D, blocks)
+    block_g, block_r, block_n, warps = _group_config(G, D, blocks, q.device)
     if splits is None:
         splits = _num_splits(B, Hkv, NF, N, block_n, block_r, q.device)
     rows_per_split = triton.cdiv(triton.cdiv(N, splits), block_r) * block_r
