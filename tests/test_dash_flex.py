@@ -204,6 +204,36 @@ def test_prior_table_matches_reference(N, C, estimate_diagonal, sigma):
     assert_close_to_ref("d pbar", d_table, d_ref, floor=1e-5 * (1 + d_ref.abs().max().item()))
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("estimate_diagonal,sigma", [(False, 1.0), (True, 0.7)])
+@pytest.mark.parametrize(
+    "N,C,qb,dtype", [(77, 16, 32, torch.float32), (160, 32, 32, torch.float64), (130, 64, 128, torch.float32)]
+)
+def test_fused_table_matches_torch(N, C, qb, dtype, estimate_diagonal, sigma, device):
+    """The Triton kernel's table (and the PyTorch backward of the fused op) equal
+    entmax_log_prior_table; the kernel's states equal the twin's."""
+    B, Hkv, G = 2, 2, 2
+    p = random_selection(B, Hkv, N, C, 0.6, dtype=dtype)
+    p[0, 0, -1] = 0.0  # a row with no past chunk selected
+    pd = p.to(device).requires_grad_()
+    pt = p.clone().requires_grad_()
+    kw = dict(chunk_size=C, groups=G, q_block=qb, estimate_diagonal=estimate_diagonal, sigma=sigma)
+    a = dash_block_mask(pd, N, impl="triton", **kw)
+    b = dash_block_mask(pt, N, impl="torch", **kw)
+    assert a.table.dtype == torch.float32 and a.table.is_contiguous() and a.table.requires_grad
+    assert torch.equal(a.states.cpu(), b.states)
+    sel = b.table > SELECTED_THRESHOLD
+    assert torch.equal(a.table.cpu() > SELECTED_THRESHOLD, sel)
+    assert (a.table.cpu()[~sel] == PRIOR_FILLER).all()
+    tol = 1e-6 if dtype == torch.float64 else 2e-5
+    assert torch.allclose(a.table.cpu(), b.table, rtol=tol, atol=tol)
+    g = torch.randn(b.table.shape) * sel
+    (da,) = torch.autograd.grad(a.table, pd, g.to(device))
+    (db,) = torch.autograd.grad(b.table, pt, g)
+    assert da.dtype == dtype
+    assert torch.allclose(da.cpu(), db, rtol=1e-4, atol=1e-4 * (1 + db.abs().max().item()))
+
+
 def test_table_gradient_reaches_router_like_reference():
     """The dense emulation of the two mods (gathering the table) is differentiable into q, k, v
     and w, with the reference's gradients (the path FlexAttention's captured-buffer gradient
@@ -338,6 +368,7 @@ def test_compose_document_mask():
     B, Hq, Hkv, N, D, C, qb = 1, 4, 2, 181, 16, 16, 32
     q, k, v = random_qkv(B, Hq, Hkv, N, D)
     pbar = random_selection(B, Hkv, N, C, 0.8)
+    pbar[..., 0] = torch.where(torch.arange(N) >= C, 0.7, 0.0)  # chunk 0 always: FULL blocks
     dm = dash_block_mask(pbar, N, chunk_size=C, groups=2, q_block=qb)
     assert (dm.states == FULL).any()
 

@@ -273,6 +273,50 @@ def _block_states_torch(
 
 
 # ----------------------------------------------------------------------------------------------
+# fused Triton path: states, counts and table in one launch, with a PyTorch backward
+
+
+def _table_backward(p: Tensor, d_table: Tensor, C: int, estimate_diagonal: bool, sigma: float) -> Tensor:
+    """Gradient of the prior table with respect to ``p [B, Hkv, N, nF]`` (clamping ignored: it
+    only bites at ``sigma`` below ~1e-23)."""
+    N, n_full = p.shape[2], p.shape[3]
+    dt = torch.promote_types(p.dtype, torch.float32)
+    q_chunk = torch.arange(N, device=p.device) // C
+    past = torch.arange(n_full, device=p.device)[None, :] < q_chunk[:, None]
+    pp = p.to(dt)
+    sel = past & (pp > 0)
+    g = torch.where(sel, d_table[:, :, :n_full, :].transpose(-1, -2).to(dt), 0.0)  # d log pi
+    if estimate_diagonal:  # log pi_c = (l_c - mean_sel l) / sigma
+        n_sel = sel.sum(dim=-1, keepdim=True).clamp(min=1).to(dt)
+        g = torch.where(sel, (g - g.sum(dim=-1, keepdim=True) / n_sel) / sigma, 0.0)
+    return torch.where(sel, g / torch.where(sel, pp, 1.0), 0.0).to(p.dtype)
+
+
+class _FusedMaskTables(torch.autograd.Function):
+    """``p -> (table, states, counts)`` by :func:`flexsparse.kernels.dash_mask.dash_mask_tables`;
+    only the table is differentiable."""
+
+    @staticmethod
+    def forward(ctx, p, C, q_block, groups, with_counts, estimate_diagonal, sigma):
+        from flexsparse.kernels.dash_mask import dash_mask_tables
+
+        states, counts, table = dash_mask_tables(
+            p, chunk_size=C, q_block=q_block, groups=groups, with_counts=with_counts,
+            estimate_diagonal=estimate_diagonal, sigma=sigma, filler=PRIOR_FILLER, limit=_PRIOR_LIMIT,
+        )
+        ctx.save_for_backward(p)
+        ctx.consts = (C, estimate_diagonal, sigma)
+        ctx.mark_non_differentiable(states, *([] if counts is None else [counts]))
+        return table, states, counts
+
+    @staticmethod
+    def backward(ctx, d_table, d_states, d_counts):
+        (p,) = ctx.saved_tensors
+        d_p = None if d_table is None else _table_backward(p, d_table, *ctx.consts)
+        return d_p, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------
 # the public mask builder
 
 
@@ -396,7 +440,9 @@ def dash_block_mask(
         with_prior: attach the ``score_mod`` adding the log-prior (False: a pure mask, e.g. top-k).
         with_counts: also count the selected past chunks of every row (for :func:`dash_sparsity`;
             free in the Triton kernel).
-        impl: block-state and BlockMask kernels: ``"triton"``, ``"torch"`` or ``"auto"``.
+        impl: ``"triton"`` (one kernel writes the states, counts and prior table; its backward is
+            PyTorch), ``"torch"`` (:func:`entmax_log_prior_table` and a PyTorch twin of the
+            kernel) or ``"auto"`` (Triton where it runs); the BlockMask lists follow the same.
 
     Returns:
         A :class:`DashBlockMask`.
@@ -408,12 +454,10 @@ def dash_block_mask(
     _check_gamma_sigma(0.0, sigma)
     _check_selection(pbar, N, C)
     impl = _choose_impl(impl, pbar.device)
-    table = entmax_log_prior_table(pbar, N, chunk_size=C, estimate_diagonal=estimate_diagonal, sigma=sigma)
-    if impl == "triton":
-        from flexsparse.kernels.dash_mask import dash_block_states
-
-        states, counts = dash_block_states(pbar, chunk_size=C, q_block=q_block, groups=groups, with_counts=with_counts)
+    if impl == "triton":  # one launch: states, counts and table
+        table, states, counts = _FusedMaskTables.apply(pbar, C, q_block, groups, with_counts, estimate_diagonal, sigma)
     else:
+        table = entmax_log_prior_table(pbar, N, chunk_size=C, estimate_diagonal=estimate_diagonal, sigma=sigma)
         states, counts = _block_states_torch(pbar, N, C, q_block, groups, with_counts)
     mask_mod, score_mod = _make_mods(table, groups, C, with_prior)
     bm = block_mask_from_states(
