@@ -261,20 +261,23 @@ def test_table_gradient_reaches_router_like_reference():
 # eager CPU FlexAttention vs the reference
 
 
-FLEX_CASES = [  # B, Hq, Hkv, N, D, C, q_block, gamma
-    (1, 2, 2, 150, 16, 16, 32, 0.05),  # nearly dense
-    (2, 4, 2, 211, 64, 32, 32, 2.0),
-    (1, 4, 1, 257, 16, 16, 16, 30.0),  # very sparse
-    (1, 8, 2, 300, 16, 64, 128, 8.0),
+FLEX_CASES = [  # B, Hq, Hkv, N, D, C, q_block, gamma, exact mask_mod
+    (1, 2, 2, 150, 16, 16, 32, 0.05, True),  # nearly dense
+    (2, 4, 2, 211, 64, 32, 32, 2.0, True),
+    (1, 4, 1, 257, 16, 16, 16, 30.0, True),  # very sparse
+    (1, 8, 2, 300, 16, 64, 128, 8.0, True),
+    (1, 4, 2, 177, 16, 16, 32, 4.0, False),  # causal mask_mod, the filler removes unselected keys
 ]
 
 
-@pytest.mark.parametrize("B,Hq,Hkv,N,D,C,qb,gamma", FLEX_CASES)
-def test_flex_eager_matches_reference(B, Hq, Hkv, N, D, C, qb, gamma):
+@pytest.mark.parametrize("B,Hq,Hkv,N,D,C,qb,gamma,exact", FLEX_CASES)
+def test_flex_eager_matches_reference(B, Hq, Hkv, N, D, C, qb, gamma, exact):
     q, k, v = random_qkv(B, Hq, Hkv, N, D)
     w = 0.5 * torch.randn(Hkv, D)
     with torch.no_grad():
-        out, stats = dash_attention_flex(q, k, v, w, chunk_size=C, gamma=gamma, q_block=qb, return_stats=True)
+        out, stats = dash_attention_flex(
+            q, k, v, w, chunk_size=C, gamma=gamma, q_block=qb, return_stats=True, exact_mask_mod=exact
+        )
     assert out.dtype == torch.float32 and out.shape == q.shape
     x64 = [t.double() for t in (q, k, v, w)]
     want, aux = ref.dash_attention(*x64, chunk_size=C, gamma=gamma, return_aux=True)
@@ -432,13 +435,14 @@ def test_sparsity_matches_reference_exactly(N, C, density, device):
 # lists, so EMPTY/FULL classification errors would show
 
 
-def test_compiled_cpu_flex_uses_lists():
+@pytest.mark.parametrize("exact", [True, False])
+def test_compiled_cpu_flex_uses_lists(exact):
     if os.environ.get("FLEXSPARSE_SKIP_COMPILE") == "1":
         pytest.skip("compile disabled")
     B, Hq, Hkv, N, D, C, qb = 1, 4, 2, 200, 16, 32, 32
     pbar = random_selection(B, Hkv, N, C, 0.5)
     pbar[..., 0] = torch.where(torch.arange(N) >= C, 0.7, 0.0)  # chunk 0 always: FULL blocks
-    dm = dash_block_mask(pbar, N, chunk_size=C, groups=2, q_block=qb)
+    dm = dash_block_mask(pbar, N, chunk_size=C, groups=2, q_block=qb, exact_mask_mod=exact)
     assert (dm.states == FULL).any() and (dm.states == EMPTY).any() and (dm.states == PARTIAL).any()
     q, k, v = random_qkv(B, Hq, Hkv, N, D)
     fn = torch.compile(flex_attention, dynamic=False)
@@ -486,6 +490,8 @@ def test_validation_errors():
         dash_block_mask(p[..., :1], N, chunk_size=C, groups=2)
     with pytest.raises(ValueError, match="groups"):
         dash_block_mask(p, N, chunk_size=C, groups=0)
+    with pytest.raises(ValueError, match="with_prior"):
+        dash_block_mask(p, N, chunk_size=C, groups=2, with_prior=False, exact_mask_mod=False)
     with pytest.raises(ValueError, match="sigma"):
         entmax_log_prior_table(p, N, chunk_size=C, estimate_diagonal=True, sigma=0.0)
     with pytest.raises(ValueError, match="kbar"):

@@ -320,12 +320,19 @@ class _FusedMaskTables(torch.autograd.Function):
 # the public mask builder
 
 
-def _make_mods(table: Tensor, groups: int, C: int, with_prior: bool) -> tuple[Callable, Callable | None]:
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _make_mods(table: Tensor, groups: int, C: int, with_prior: bool, exact: bool) -> tuple[Callable, Callable | None]:
     G = groups
     sel = table.detach()  # mask_mod buffers may not require grad; same storage as the score table
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (q_idx >= kv_idx) & (sel[b, h // G, kv_idx // C, q_idx] > SELECTED_THRESHOLD)
+
+    if not exact:
+        mask_mod = _causal
 
     if not with_prior:
         return mask_mod, None
@@ -424,6 +431,7 @@ def dash_block_mask(
     sigma: float = 1.0,
     with_prior: bool = True,
     with_counts: bool = False,
+    exact_mask_mod: bool = True,
     impl: str = "auto",
 ) -> DashBlockMask:
     """Build the FlexAttention inputs of a DashAttention selection (the public mask builder).
@@ -440,6 +448,11 @@ def dash_block_mask(
         with_prior: attach the ``score_mod`` adding the log-prior (False: a pure mask, e.g. top-k).
         with_counts: also count the selected past chunks of every row (for :func:`dash_sparsity`;
             free in the Triton kernel).
+        exact_mask_mod: True: the element mask_mod is ``q >= kv AND selected``. False (needs
+            ``with_prior``): the mask_mod is only causal and the ``score_mod``'s ``-1e30`` filler
+            removes unselected keys (their weight underflows to exactly 0, gradients too, and every
+            row keeps its diagonal): the same attention, one table read fewer per element of
+            PARTIAL blocks, but ``block_mask.mask_mod`` alone no longer describes the pattern.
         impl: ``"triton"`` (one kernel writes the states, counts and prior table; its backward is
             PyTorch), ``"torch"`` (:func:`entmax_log_prior_table` and a PyTorch twin of the
             kernel) or ``"auto"`` (Triton where it runs); the BlockMask lists follow the same.
@@ -453,13 +466,15 @@ def dash_block_mask(
     _check_int("q_block", q_block, 1)
     _check_gamma_sigma(0.0, sigma)
     _check_selection(pbar, N, C)
+    if not exact_mask_mod and not with_prior:
+        raise ValueError("exact_mask_mod=False needs with_prior=True (the score_mod then removes unselected keys)")
     impl = _choose_impl(impl, pbar.device)
     if impl == "triton":  # one launch: states, counts and table
         table, states, counts = _FusedMaskTables.apply(pbar, C, q_block, groups, with_counts, estimate_diagonal, sigma)
     else:
         table = entmax_log_prior_table(pbar, N, chunk_size=C, estimate_diagonal=estimate_diagonal, sigma=sigma)
         states, counts = _block_states_torch(pbar, N, C, q_block, groups, with_counts)
-    mask_mod, score_mod = _make_mods(table, groups, C, with_prior)
+    mask_mod, score_mod = _make_mods(table, groups, C, with_prior, exact_mask_mod)
     bm = block_mask_from_states(
         states, seq_lengths=(N, N), block_size=(q_block, C), mask_mod=mask_mod, impl=impl, validate=False
     )
@@ -595,6 +610,7 @@ def dash_attention_flex(
     q_block: int = 128,
     kernel_options: dict | None = None,
     return_stats: bool = False,
+    exact_mask_mod: bool = True,
     impl: str = "auto",
 ):
     """DashAttention through FlexAttention: the function of :func:`flexsparse.reference.dash_attention`.
@@ -618,6 +634,8 @@ def dash_attention_flex(
         q_block: query rows per block. kernel_options: passed to FlexAttention (on CUDA merged
             over :func:`gpu_kernel_options`).
         return_stats: also return ``{"kept_fraction", "sparsity"}`` (see :func:`dash_sparsity`).
+        exact_mask_mod: see :func:`dash_block_mask` (entmax routers only; top-k always uses the
+            exact mask).
         impl: mask kernels (``"auto"``, ``"triton"``, ``"torch"``).
 
     Returns:
@@ -662,7 +680,7 @@ def dash_attention_flex(
         p = fn(q, kbar, chunk_size=C, gamma=gamma, scale=scale)
         dm = dash_block_mask(
             p, N, chunk_size=C, groups=G, q_block=q_block, estimate_diagonal=estimate_diagonal, sigma=sigma,
-            with_counts=return_stats, impl=impl,
+            with_counts=return_stats, exact_mask_mod=exact_mask_mod, impl=impl,
         )
 
     kw = dict(score_mod=dm.score_mod, block_mask=dm.block_mask, scale=scale, enable_gqa=G > 1)
