@@ -44,7 +44,8 @@ def _exact_tau(q, kbar, C, zscale):
     x, past = _scores64(q, kbar, C, zscale)
     nF = x.shape[-1]
     if nF == 0:
-        return torch.full(x.shape[:-1], math.inf, dtype=F64, device=q.device), torch.zeros(x.shape[:-1], dtype=F64, device=q.device)
+        none = torch.zeros(x.shape[:-1], dtype=F64, device=q.device)
+        return none + math.inf, none
     xs = torch.where(past, x, -math.inf)
     srt = xs.sort(dim=-1, descending=True).values
     fin = torch.isfinite(srt)
@@ -72,7 +73,10 @@ def _ref_and_grads(q, k, w, cotangent, dtype, *, C, gamma):
     """``reference.dash_router`` at ``dtype`` and its gradients (pbar, dq, dk, dw)."""
     leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, w)]
     pbar = R.dash_router(*leaves, chunk_size=C, gamma=gamma)
-    grads = torch.autograd.grad(pbar, leaves, cotangent.to(dtype)) if pbar.numel() else [torch.zeros_like(t) for t in leaves]
+    if pbar.numel():
+        grads = torch.autograd.grad(pbar, leaves, cotangent.to(dtype))
+    else:
+        grads = [torch.zeros_like(t) for t in leaves]
     return [pbar.detach(), *grads]
 
 
@@ -115,10 +119,11 @@ CASES = [
 ]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("B,Hq,Hkv,N,D,C,gamma", CASES)
-def test_triton_float32_matches_reference(B, Hq, Hkv, N, D, C, gamma):
-    q, k, w = _random_inputs(B, Hq, Hkv, N, D)
-    cot = torch.randn(B, Hkv, N, N // C, dtype=F64)
+def test_triton_float32_matches_reference(B, Hq, Hkv, N, D, C, gamma, device):
+    q, k, w = _random_inputs(B, Hq, Hkv, N, D, device)
+    cot = torch.randn(B, Hkv, N, N // C, dtype=F64, device=device)
     ref = _ref_and_grads(q, k, w, cot, F64, C=C, gamma=gamma)
     low = _ref_and_grads(q, k, w, cot, torch.float32, C=C, gamma=gamma)
     fast, tau, kbar = _fast_and_grads(q, k, w, cot, torch.float32, C=C, gamma=gamma)
@@ -136,10 +141,11 @@ def test_triton_float32_matches_reference(B, Hq, Hkv, N, D, C, gamma):
     assert ((tau.double() - exact).abs()[fin] <= 2e-6 * (m.abs() + 1)[fin]).all()
 
 
-def test_gamma_range_covers_dense_and_one_chunk_supports():
+@pytest.mark.triton
+def test_gamma_range_covers_dense_and_one_chunk_supports(device):
     """The gamma cases above really are nearly dense / mostly one chunk (so they test that)."""
     for gamma, check in ((0.05, lambda frac, one: frac > 0.9), (20.0, lambda frac, one: one > 0.3)):
-        q, k, w = _random_inputs(1, 4, 1, 333, 16)
+        q, k, w = _random_inputs(1, 4, 1, 333, 16, device)
         kbar = R.chunk_summaries(k, w, 16)
         pbar, tau = entmax_router(q, kbar, chunk_size=16, gamma=gamma, impl="triton", return_tau=True)
         x, past = _scores64(q, kbar, 16, gamma / 4)
@@ -150,10 +156,11 @@ def test_gamma_range_covers_dense_and_one_chunk_supports():
         assert check(frac, one), (gamma, frac, one)
 
 
-def test_triton_float16_matches_reference():
+@pytest.mark.triton
+def test_triton_float16_matches_reference(device):
     B, Hq, Hkv, N, D, C, gamma = 1, 4, 2, 201, 64, 16, 2.0
-    q, k, w = _random_inputs(B, Hq, Hkv, N, D)
-    cot = torch.randn(B, Hkv, N, N // C, dtype=F64)
+    q, k, w = _random_inputs(B, Hq, Hkv, N, D, device)
+    cot = torch.randn(B, Hkv, N, N // C, dtype=F64, device=device)
     ref = _ref_and_grads(q, k, w, cot, F64, C=C, gamma=gamma)
     low = _ref_and_grads(q, k, w, cot, torch.float16, C=C, gamma=gamma)
     fast, tau, _ = _fast_and_grads(q, k, w, cot, torch.float16, C=C, gamma=gamma)
@@ -169,13 +176,14 @@ def test_triton_float16_matches_reference():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("gamma", [0.25, 2.0, 32.0])
-def test_tau_is_float32_accurate(gamma):
+def test_tau_is_float32_accurate(gamma, device):
     """Scores exact in float32 (entries k/8, D = 16, scale 1/4, gamma a power of two), many ties:
     the Triton solver and its torch twin are within 2 float32 ulps of the exact threshold."""
     B, Hq, Hkv, N, D, C = 1, 4, 2, 301, 16, 4
-    q = torch.randint(-8, 9, (B, Hq, N, D)).float() / 8
-    kbar = torch.randint(-8, 9, (B, Hkv, N // C, D)).float() / 8
+    q = torch.randint(-8, 9, (B, Hq, N, D), device=device).float() / 8
+    kbar = torch.randint(-8, 9, (B, Hkv, N // C, D), device=device).float() / 8
     kbar[:, :, 10:20] = kbar[:, :, 10:11]  # a run of identical chunks (exact ties)
     exact, m = _exact_tau(q, kbar, C, gamma / 4)
     fin = torch.isfinite(exact)
@@ -191,21 +199,22 @@ def test_tau_is_float32_accurate(gamma):
         assert (err <= bound[fin]).all(), f"{name}: tau error {err.max():.3e}"
 
 
-def test_tau_uniform_and_single_chunk_rows():
+@pytest.mark.triton
+def test_tau_uniform_and_single_chunk_rows(device):
     """Identical chunks give uniform p = 1 / c_i; a dominant chunk gives a one-hot row whose
     gradients vanish (the entmax Jacobian is 0 on a support of one)."""
     B, Hq, Hkv, N, D, C = 1, 2, 1, 150, 16, 16
-    q = torch.randn(B, Hq, N, D)
-    kbar = torch.randn(1, 1, 1, D).expand(B, Hkv, N // C, D).contiguous()
-    pbar = entmax_router(q, kbar, chunk_size=C, impl="triton")
+    q = torch.randn(B, Hq, N, D, device=device)
+    kbar = torch.randn(1, 1, 1, D, device=device).expand(B, Hkv, N // C, D).contiguous()
+    pbar = entmax_router(q, kbar, chunk_size=C, impl="triton").cpu()
     ci = (torch.arange(N) // C).clamp(min=1).float()
     past = torch.arange(N // C)[None, :] < (torch.arange(N) // C)[:, None]
     expected = torch.where(past, 1.0 / ci[:, None], 0.0).expand_as(pbar)
     assert max_abs_err(pbar, expected) <= 1e-6
 
     # chunk 0 is far ahead of the others for every query: support {0}
-    q = torch.randn(B, Hq, N, D).abs() + 0.5
-    kb = 0.01 * torch.randn(B, Hkv, N // C, D)
+    q = torch.randn(B, Hq, N, D, device=device).abs() + 0.5
+    kb = 0.01 * torch.randn(B, Hkv, N // C, D, device=device)
     kb[:, :, 0] = 2.0
     kb.requires_grad_(True)
     qg = q.clone().requires_grad_(True)
@@ -217,8 +226,9 @@ def test_tau_uniform_and_single_chunk_rows():
     assert dq.abs().max() <= 1e-5 and dkb.abs().max() <= 1e-5
 
 
-def test_tau_twin_matches_kernel_random():
-    q, k, w = _random_inputs(2, 4, 2, 190, 32)
+@pytest.mark.triton
+def test_tau_twin_matches_kernel_random(device):
+    q, k, w = _random_inputs(2, 4, 2, 190, 32, device)
     kbar = R.chunk_summaries(k, w, 16)
     for gamma in (0.1, 1.0, 10.0):
         t_tr = router_tau(q, kbar, chunk_size=16, gamma=gamma, impl="triton")
@@ -234,19 +244,21 @@ def test_tau_twin_matches_kernel_random():
 # --------------------------------------------------------------------------------------------
 
 
-def test_kernels_write_everything_and_tilings_agree():
+@pytest.mark.triton
+def test_kernels_write_everything_and_tilings_agree(device):
     from flexsparse.kernels import router as K
 
     B, Hq, Hkv, N, D, C = 1, 8, 2, 157, 32, 8
     G, nF = Hq // Hkv, N // C
     zscale = 1.5 / math.sqrt(D)
-    q = torch.randn(B, Hq, N, D)
-    kbar = torch.randn(B, Hkv, nF, D) * 0.5
-    dpbar = torch.randn(B, Hkv, N, nF)
+    q = torch.randn(B, Hq, N, D, device=device)
+    kbar = torch.randn(B, Hkv, nF, D, device=device) * 0.5
+    dpbar = torch.randn(B, Hkv, N, nF, device=device)
+    nan = dict(fill_value=math.nan, device=device)
 
-    tau = K.router_tau(q, kbar, C, zscale, out=torch.full((B, Hq, N), math.nan))
-    pbar = K.router_pbar(q, kbar, tau, C, zscale, out=torch.full((B, Hkv, N, nF), math.nan))
-    outs = (torch.full_like(q, math.nan), torch.full_like(kbar, math.nan), torch.full((B, Hq, N), math.nan))
+    tau = K.router_tau(q, kbar, C, zscale, out=torch.full((B, Hq, N), **nan))
+    pbar = K.router_pbar(q, kbar, tau, C, zscale, out=torch.full((B, Hkv, N, nF), **nan))
+    outs = (nan_like(q), nan_like(kbar), torch.full((B, Hq, N), **nan))
     dq, dkbar, r = K.router_backward(q, kbar, tau, dpbar, C, zscale, splits=1, outs=outs)
     for name, t in (("tau", tau), ("pbar", pbar), ("dq", dq), ("dkbar", dkbar), ("r", r)):
         assert not torch.isnan(t).any(), f"{name} has unwritten (NaN) entries"
@@ -255,7 +267,7 @@ def test_kernels_write_everything_and_tilings_agree():
     blocks = {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4}
     tau2 = K.router_tau(q, kbar, C, zscale, blocks=blocks)
     pbar2 = K.router_pbar(q, kbar, tau, C, zscale, blocks={"BLOCK_R": 8, "BLOCK_N": 16})
-    outs2 = (nan_like(q), torch.full_like(kbar, math.nan), torch.full((B, Hq, N), math.nan))
+    outs2 = (nan_like(q), nan_like(kbar), torch.full((B, Hq, N), **nan))
     dq2, dkbar2, r2 = K.router_backward(q, kbar, tau, dpbar, C, zscale, splits=3, blocks={"BLOCK_N": 16}, outs=outs2)
     assert torch.equal(torch.isinf(tau2), torch.isinf(tau))
     assert max_abs_err(tau2.nan_to_num(posinf=0), tau.nan_to_num(posinf=0)) <= 1e-6
@@ -300,19 +312,23 @@ def test_torch_impl_is_the_reference():
     assert dq.dtype == torch.float32 and dkb.dtype == torch.float32
 
 
-def test_auto_dispatch_and_no_triton(monkeypatch):
-    q, k, w = _random_inputs(1, 2, 1, 40, 16)
-    kbar = R.chunk_summaries(k, w, 8)
-    # auto = triton under the interpreter (bitwise the same result)
-    assert torch.equal(entmax_router(q, kbar, chunk_size=8), entmax_router(q, kbar, chunk_size=8, impl="triton"))
+@pytest.mark.triton
+def test_auto_dispatch_and_no_triton(monkeypatch, device):
+    qd, kd, wd = _random_inputs(1, 2, 1, 40, 16, device)
+    kbd = R.chunk_summaries(kd, wd, 8)
+    # auto = triton on CUDA and under the interpreter (bitwise the same result)
+    assert torch.equal(entmax_router(qd, kbd, chunk_size=8), entmax_router(qd, kbd, chunk_size=8, impl="triton"))
     # float64 or D > 256 with auto falls back to torch; asked by name, it is an error
-    entmax_router(q.double(), kbar.double(), chunk_size=8)
+    p64 = entmax_router(qd.double(), kbd.double(), chunk_size=8)
+    assert p64.dtype == F64
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
-        entmax_router(q.double(), kbar.double(), chunk_size=8, impl="triton")
-    qb, kb = torch.randn(1, 1, 16, 272), torch.randn(1, 1, 2, 272)
+        entmax_router(qd.double(), kbd.double(), chunk_size=8, impl="triton")
+    qb, kb = torch.randn(1, 1, 16, 272, device=device), torch.randn(1, 1, 2, 272, device=device)
     entmax_router(qb, kb, chunk_size=8)
     with pytest.raises(ValueError, match="D <= 256"):
         entmax_router(qb, kb, chunk_size=8, impl="triton")
+    q, k, w = _random_inputs(1, 2, 1, 40, 16)  # CPU
+    kbar = R.chunk_summaries(k, w, 8)
     # without CUDA and without the interpreter, triton is refused by name and auto uses torch
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="impl='triton' needs CUDA"):
@@ -331,7 +347,8 @@ def test_invalid_inputs():
         entmax_router(q[0], kbar, **ok)
     with pytest.raises(ValueError, match=r"q must be"):
         entmax_router(q.long(), kbar, **ok)
-    with pytest.raises(ValueError, match=r"kbar must be a floating-point tensor of shape \[B, Hkv, N // C, D\] = \[1, \?, 5, 16\]"):
+    expected = r"kbar must be a floating-point tensor of shape \[B, Hkv, N // C, D\] = \[1, \?, 5, 16\]"
+    with pytest.raises(ValueError, match=expected):
         entmax_router(q, torch.randn(1, 2, 4, 16), **ok)  # wrong number of chunks
     with pytest.raises(ValueError, match=r"kbar must be"):
         entmax_router(q, torch.randn(1, 2, 5, 8), **ok)  # wrong head dim
