@@ -58,6 +58,19 @@ def main(argv=None):
             row[f"{tag}_gpu_ms"] = common.graph_time(call, timer)
         rows.append(row)
         print(row, flush=True)
+    # chunk length sweep of the current kernel (GPU time)
+    from flexsparse.kernels import layout as lay
+
+    for name, keys, nb, L, align, inv in cases:
+        NB = max(2, triton.next_power_of_2(nb))
+        for ch in (c for c in (128, 256, 512, 1024, 2048) if c * NB <= 32768):
+            lay._CHUNK[NB] = ch
+            call = lambda: sorted_layout(keys, nb, L, align=align, invalid_pos=inv)  # noqa: E731
+            ok = all(torch.equal(x, y) for x, y in zip(call(), v1(keys, nb, L, align=align, invalid_pos=inv)) if x is not None)
+            row = {"case": name, "chunk": ch, "gpu_ms": common.graph_time(call, timer), "same_as_v1": ok}
+            rows.append(row)
+            print(row, flush=True)
+        lay._CHUNK.clear()
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}

@@ -153,11 +153,15 @@ def _write_kernel(
         tl.store(bkt_ptr + row * L + slots, seg.to(tl.int32), mask=empty)
 
 
+# Chunk length per padded key count (a power of two); benchmarks may override it.
+_CHUNK: dict[int, int] = {}
+
+
 def _tiles(nb: int) -> tuple[int, int, int, int, int]:
     """``(NB, CH, FB, FPW, NW)``: padded key count, chunk length, field bits, fields per 64-bit
     word, words. Fields must hold a whole chunk's count: 8 bits up to 255 tokens, else 16."""
     NB = max(2, triton.next_power_of_2(nb))
-    CH = 1024 if NB <= 4 else 128
+    CH = _CHUNK.get(NB, 1024 if NB <= 4 else 128)
     FB = 8 if CH < 256 else 16
     FPW = 64 // FB
     return NB, CH, FB, FPW, triton.cdiv(NB, FPW)
