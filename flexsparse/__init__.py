@@ -1,15 +1,15 @@
 """flexsparse: dynamic sparse causal attention for PyTorch.
 
 Public surface: block-mask builders (Triton kernels on the GPU), dense reference oracles
-(``flexsparse.reference``), the SCFA functional ops (hash-sparse, query/key drop), their mask
-builders and ``nn.Module`` layers.
+(``flexsparse.reference``), the functional ops (hash-sparse, query/key drop, DashAttention), their
+mask builders and routers, and ``nn.Module`` layers.
 """
 
 __version__ = "0.1.0"
 
 from flexsparse import reference  # noqa: F401
-from flexsparse.functional import hash_sparse_attention, qk_sparse_attention
-from flexsparse.nn import HashSparseAttention, QKSparseAttention
+from flexsparse.functional import dash_attention, hash_sparse_attention, qk_sparse_attention
+from flexsparse.nn import DashAttention, HashSparseAttention, QKSparseAttention
 from flexsparse.patterns.blockmask import (
     EMPTY,
     FULL,
@@ -19,9 +19,11 @@ from flexsparse.patterns.blockmask import (
     build_block_mask,
     states_mask_mod,
 )
+from flexsparse.patterns.dash import DashBlockMask, dash_block_mask, dash_sparsity, entmax_log_prior_table, topk_selection
 from flexsparse.patterns.drop import drop_block_mask
 from flexsparse.patterns.hash import hash_block_mask
 from flexsparse.patterns.permuted import PermutedBlockMask
+from flexsparse.patterns.router import entmax_router, router_tau
 
 __all__ = [
     "__version__",
@@ -40,4 +42,13 @@ __all__ = [
     "PermutedBlockMask",
     "HashSparseAttention",
     "QKSparseAttention",
+    "dash_attention",
+    "DashAttention",
+    "dash_block_mask",
+    "DashBlockMask",
+    "dash_sparsity",
+    "entmax_log_prior_table",
+    "entmax_router",
+    "router_tau",
+    "topk_selection",
 ]

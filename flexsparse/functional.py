@@ -1,4 +1,4 @@
-"""Functional ops: hash-sparse and query/key-drop causal attention.
+"""Functional ops: hash-sparse, query/key-drop and DashAttention causal attention.
 
 ``backend``:
 
@@ -22,12 +22,13 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from flexsparse import reference
 from flexsparse.patterns.blockmask import _normalize_block_size
+from flexsparse.patterns.dash import dash_attention_flex
 from flexsparse.patterns.drop import drop_block_mask
 from flexsparse.patterns.hash import hash_block_mask
 from flexsparse.patterns.permuted import PermutedBlockMask
-from flexsparse.reference import _check_device, _check_per_token, _check_qkv
+from flexsparse.reference import _check_chunk_size, _check_device, _check_gamma_sigma, _check_per_token, _check_qkv, _check_w
 
-__all__ = ["hash_sparse_attention", "qk_sparse_attention"]
+__all__ = ["dash_attention", "hash_sparse_attention", "qk_sparse_attention"]
 
 _BACKENDS = ("auto", "flex", "reference")
 _compiled = None
@@ -57,14 +58,14 @@ def _needs_grad(*ts: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
 
 
-def _choose_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+def _choose_backend(backend: str, q: Tensor, *params: Tensor) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if q.is_cuda or not _needs_grad(q, k, v):
+        if q.is_cuda or not _needs_grad(q, *params):
             return "flex"
         return "reference"
-    if backend == "flex" and not q.is_cuda and _needs_grad(q, k, v):
+    if backend == "flex" and not q.is_cuda and _needs_grad(q, *params):
         raise RuntimeError(
             "backend='flex' on CPU is inference-only (CPU FlexAttention does not support autograd): "
             "call under torch.no_grad(), detach the inputs, or use backend='reference' (or 'auto')"
@@ -169,3 +170,78 @@ def qk_sparse_attention(
         return reference.qk_sparse_attention(q, k, v, q_keep, k_keep, scale=scale)
     pm = drop_block_mask(q_keep, k_keep, block_size=block_size, capacity=capacity, validate=validate)
     return _run_flex(q, k, v, pm, scale, kernel_options)
+
+
+def dash_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    *,
+    chunk_size: int = 64,
+    gamma: float = 1.0,
+    estimate_diagonal: bool = False,
+    sigma: float = 1.0,
+    scale: float | None = None,
+    backend: str = "auto",
+    router: str = "entmax",
+    top_k: int | None = None,
+    q_block: int = 128,
+    kernel_options: dict | None = None,
+    return_stats: bool = False,
+):
+    """DashAttention: chunk summaries, an alpha-entmax router over earlier chunks, and a causal
+    softmax over the selected chunks with the routing probabilities as a prior.
+
+    Stage 0: ``kbar = chunk_summaries(k, w, C)``; stage 1: 1.5-entmax of
+    ``gamma * scale * q . kbar`` over the chunks before each query's own, averaged over each GQA
+    group; stage 2: softmax over the selected chunks' keys (and the query's own chunk, causally)
+    with logits ``+ log prior`` (see :func:`flexsparse.reference.dash_attention`, the definition).
+    ``router="topk"`` swaps stage 1 for a hard top-k selection with no prior
+    (:func:`flexsparse.reference.dash_topk_attention`).
+
+    Args:
+        q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]`` (one float dtype, ``Hq % Hkv == 0``);
+            w: ``[Hkv, D]`` summary vectors (zeros = mean pooling).
+        chunk_size: ``C`` (64 by default; the KV block of the flex backend).
+        gamma: router logit multiplier, the sparsity knob (larger = fewer chunks).
+        estimate_diagonal, sigma: prior mode (see :func:`flexsparse.reference.dash_log_prior`).
+        scale: logit scale, default ``1 / sqrt(D)``.
+        backend: ``"reference"`` (dense oracle), ``"flex"`` (Triton router and mask kernels +
+            FlexAttention, :func:`flexsparse.patterns.dash.dash_attention_flex`) or ``"auto"``
+            (flex on CUDA; on CPU flex without gradients, else the reference).
+        router: ``"entmax"`` or ``"topk"`` (needs ``top_k``).
+        q_block, kernel_options: FlexAttention query block and kernel options (flex backend).
+        return_stats: also return ``{"kept_fraction", "sparsity"}`` (0-d float32 tensors, no
+            host synchronisation; see :func:`flexsparse.reference.dash_selection_stats`).
+
+    Returns:
+        ``[B, Hq, N, D]`` in ``q.dtype``, or ``(out, stats)``.
+    """
+    C = _check_chunk_size(chunk_size)
+    _check_gamma_sigma(gamma, sigma)
+    _, _, Hkv, _, _, D = _check_qkv(q, k, v, self_attention=True)
+    _check_w(w, Hkv, D, k)
+    if router not in ("entmax", "topk"):
+        raise ValueError(f"router must be 'entmax' or 'topk', got {router!r}")
+    if router == "topk" and top_k is None:
+        raise ValueError("router='topk' needs top_k (past chunks kept per query)")
+    if router == "entmax" and top_k is not None:
+        raise ValueError("top_k is only used with router='topk'")
+    backend = _choose_backend(backend, q, k, v, w)
+    if backend == "reference":
+        if router == "topk":
+            res = reference.dash_topk_attention(q, k, v, w, chunk_size=C, top_k=top_k, scale=scale, return_aux=return_stats)
+        else:
+            res = reference.dash_attention(
+                q, k, v, w, chunk_size=C, gamma=gamma, estimate_diagonal=estimate_diagonal, sigma=sigma, scale=scale,
+                return_aux=return_stats,
+            )
+        if not return_stats:
+            return res
+        out, aux = res
+        return out, {"kept_fraction": aux["kept_fraction"], "sparsity": aux["sparsity"]}
+    return dash_attention_flex(
+        q, k, v, w, chunk_size=C, gamma=gamma, estimate_diagonal=estimate_diagonal, sigma=sigma, scale=scale,
+        router=router, top_k=top_k, q_block=q_block, kernel_options=kernel_options, return_stats=return_stats,
+    )

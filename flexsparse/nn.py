@@ -1,4 +1,4 @@
-"""Causal self-attention layers for the SCFA patterns: ``x [B, N, dim] -> [B, N, dim]``.
+"""Causal self-attention layers: ``x [B, N, dim] -> [B, N, dim]`` (SCFA patterns, DashAttention).
 
 Each layer: one fused qkv projection, optional rotary embedding, GQA (``kv_heads``), the sparse
 attention op of :mod:`flexsparse.functional`, and an output projection.
@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flexsparse.functional import hash_sparse_attention, qk_sparse_attention
+from flexsparse.functional import dash_attention, hash_sparse_attention, qk_sparse_attention
 from flexsparse.patterns.drop import capacity_for_rate
 
-__all__ = ["HashSparseAttention", "QKSparseAttention"]
+__all__ = ["DashAttention", "HashSparseAttention", "QKSparseAttention"]
 
 
 def _rotary(x: Tensor, base: float) -> Tensor:
@@ -149,4 +149,72 @@ class QKSparseAttention(_SparseSelfAttention):
         if drawn:  # our own random masks: a capacity from the rate, checked on the device (no sync)
             extra = {"capacity": capacity_for_rate(N, self.drop_rate, self.block_size), "validate": False}
         o = qk_sparse_attention(q, k, v, q_keep, k_keep, backend=self.backend, block_size=self.block_size, **extra)
+        return self._finish(o)
+
+
+class DashAttention(_SparseSelfAttention):
+    """DashAttention causal self-attention (Huang et al., 2026).
+
+    Chunk summaries of the keys (after rotary, i.e. on the keys the attention uses) pooled by a
+    learned vector ``w`` per KV head (the parameter ``summary``, ``[kv_heads, head_dim]``,
+    zero-initialised = mean pooling), a 1.5-entmax router over earlier chunks whose GQA-averaged
+    probabilities select the chunks each query attends to and become the prior of the second
+    softmax, so ``w``, the projections and the router all receive gradients. ``router="topk"``
+    swaps in a hard top-k router (NSA / MoBA style, no prior) for comparisons at equal sparsity.
+
+    Args:
+        dim, heads: model width and query heads. kv_heads: KV heads (GQA), default ``heads``.
+        chunk_size: ``C`` (default 64). gamma: router logit multiplier, the sparsity knob.
+        estimate_diagonal, sigma: prior mode (see :func:`flexsparse.reference.dash_log_prior`).
+        router: ``"entmax"`` or ``"topk"`` (with ``top_k``).
+        track_sparsity: after each forward keep ``last_stats = {"kept_fraction", "sparsity"}``
+            (0-d tensors, no host synchronisation; off by default: it costs a small reduction).
+        head_dim, bias, rotary, rotary_base, backend, q_block: projection and op options.
+
+    ``forward(x)``: ``x [B, N, dim] -> [B, N, dim]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        kv_heads: int | None = None,
+        chunk_size: int = 64,
+        gamma: float = 1.0,
+        estimate_diagonal: bool = False,
+        sigma: float = 1.0,
+        router: str = "entmax",
+        top_k: int | None = None,
+        track_sparsity: bool = False,
+        q_block: int = 128,
+        **kwargs,
+    ):
+        kwargs.setdefault("block_size", q_block)
+        super().__init__(dim, heads, kv_heads=kv_heads, **kwargs)
+        if router not in ("entmax", "topk"):
+            raise ValueError(f"router must be 'entmax' or 'topk', got {router!r}")
+        if router == "topk" and (top_k is None or top_k < 0):
+            raise ValueError(f"router='topk' needs top_k >= 0, got {top_k!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        self.chunk_size, self.gamma = chunk_size, float(gamma)
+        self.estimate_diagonal, self.sigma = estimate_diagonal, float(sigma)
+        self.router, self.top_k = router, top_k
+        self.track_sparsity, self.q_block = track_sparsity, q_block
+        self.summary = nn.Parameter(torch.zeros(self.kv_heads, self.head_dim))
+        self.last_stats: dict[str, Tensor] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self._project(x)
+        res = dash_attention(
+            q, k, v, self.summary.to(k.dtype), chunk_size=self.chunk_size, gamma=self.gamma,
+            estimate_diagonal=self.estimate_diagonal, sigma=self.sigma, backend=self.backend, router=self.router,
+            top_k=self.top_k if self.router == "topk" else None, q_block=self.q_block, return_stats=self.track_sparsity,
+        )
+        if self.track_sparsity:
+            o, stats = res
+            self.last_stats = {name: t.detach() for name, t in stats.items()}
+        else:
+            o = res
         return self._finish(o)

@@ -41,6 +41,7 @@ __all__ = [
     "dash_log_prior",
     "dash_router",
     "dash_selection_stats",
+    "dash_topk_attention",
     "drop_mask",
     "entmax15",
     "hash_mask",
@@ -673,4 +674,72 @@ def dash_attention(
         return out
     kept, sparsity = dash_selection_stats(log_prior, C, N)
     aux = {"pbar": pbar, "log_prior": log_prior, "kept_fraction": kept, "sparsity": sparsity}
+    return out, aux
+
+
+def dash_topk_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w: Tensor,
+    *,
+    chunk_size: int = 64,
+    top_k: int = 8,
+    scale: float | None = None,
+    return_aux: bool = False,
+):
+    """Top-k chunk routing (NSA / MoBA / InfLLM-v2 style) on DashAttention's summaries: the
+    hard-mask baseline to compare the entmax router with at equal sparsity.
+
+    Per KV head, row ``i`` scores each past complete chunk ``c < c_i`` by the mean over the ``G``
+    query heads of the group of ``scale * q[b,h,i] . kbar[b,h//G,c]`` and attends causally to the
+    ``top_k`` best (ties: lower chunk index first; rows with at most ``top_k`` past chunks take
+    them all) plus its diagonal chunk, with no prior. The selection is hard: no gradient reaches
+    ``w`` or, through the scores, ``q`` and ``k``.
+
+    Args:
+        q: ``[B, Hq, N, D]``; k, v: ``[B, Hkv, N, D]``; w: ``[Hkv, D]``.
+        chunk_size: ``C >= 1``. top_k: past chunks kept per row (``>= 0``).
+        scale: logit scale of the scores and the attention, default ``1 / sqrt(D)``.
+        return_aux: also return ``{"selection" [B,Hkv,N,N//C] (1.0 selected), "log_prior",
+            "kept_fraction", "sparsity"}`` (see ``dash_selection_stats``).
+
+    Returns:
+        ``[B, Hq, N, D]`` in ``q.dtype``, or ``(out, aux)``.
+    """
+    C = _check_chunk_size(chunk_size)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0, got {top_k!r}")
+    _, Hq, Hkv, N, _, D = _check_qkv(q, k, v, self_attention=True)
+    _check_w(w, Hkv, D, k)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    G = Hq // Hkv
+    with torch.no_grad():
+        kbar = chunk_summaries(k, w, C)
+        n_full = kbar.shape[2]
+        s = torch.matmul(q, _expand_heads(kbar, G).transpose(-1, -2)) * scale  # [B, Hq, N, nF]
+        s = s.reshape(s.shape[0], Hkv, G, N, n_full).mean(dim=2)
+        q_chunk = torch.arange(N, device=q.device) // C
+        past = torch.arange(n_full, device=q.device)[None, :] < q_chunk[:, None]
+        s = torch.where(past, s, float("-inf"))
+        sel = torch.zeros_like(s, dtype=torch.bool)
+        kk = min(top_k, n_full)
+        if kk > 0:
+            vals, idx = torch.sort(s, dim=-1, descending=True, stable=True)
+            sel.scatter_(-1, idx[..., :kk], vals[..., :kk] > float("-inf"))
+        sel = sel & past
+    n_chunks = -(-N // C)
+    chunk = torch.arange(n_chunks, device=q.device)
+    diag = chunk[None, :] == (torch.arange(N, device=q.device) // C)[:, None]  # [N, nC]
+    pad = sel.new_zeros(*sel.shape[:3], n_chunks - n_full)
+    active = torch.cat([sel, pad], dim=-1) | diag  # [B, Hkv, N, nC]
+    token_active = _expand_heads(active.index_select(-1, torch.arange(N, device=q.device) // C), G)
+    mask = causal_mask(N, device=q.device) & token_active
+    out = attention(q, k, v, mask=mask, scale=scale)
+    if not return_aux:
+        return out
+    log_prior = torch.where(active, 0.0, float("-inf")).to(torch.float32)
+    kept, sparsity = dash_selection_stats(log_prior, C, N)
+    aux = {"selection": sel.to(torch.float32), "log_prior": log_prior, "kept_fraction": kept, "sparsity": sparsity}
     return out, aux

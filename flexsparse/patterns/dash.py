@@ -612,6 +612,7 @@ def dash_attention_flex(
     return_stats: bool = False,
     exact_mask_mod: bool = True,
     impl: str = "auto",
+    autotune: bool | None = None,
 ):
     """DashAttention through FlexAttention: the function of :func:`flexsparse.reference.dash_attention`.
 
@@ -637,6 +638,8 @@ def dash_attention_flex(
         exact_mask_mod: see :func:`dash_block_mask` (entmax routers only; top-k always uses the
             exact mask).
         impl: mask kernels (``"auto"``, ``"triton"``, ``"torch"``).
+        autotune: compile FlexAttention with max-autotune (CUDA). Default: only for training with
+            KV blocks that are not multiples of 128 (see ``_compiled_flex``).
 
     Returns:
         ``[B, Hq, N, D]`` in ``q.dtype``, or ``(out, stats)``.
@@ -686,7 +689,8 @@ def dash_attention_flex(
     kw = dict(score_mod=dm.score_mod, block_mask=dm.block_mask, scale=scale, enable_gqa=G > 1)
     if q.is_cuda:
         train = torch.is_grad_enabled() and (any(t.requires_grad for t in (q, k, v)) or dm.table.requires_grad)
-        autotune = train and (C % 128 != 0 or q_block % 128 != 0)
+        if autotune is None:
+            autotune = train and (C % 128 != 0 or q_block % 128 != 0)
         out = _flex(q, k, v, kernel_options=gpu_kernel_options(q.dtype, C, q_block, kernel_options), autotune=autotune, **kw)
     else:
         out = flex_attention(q, k, v, kernel_options=kernel_options, **kw)
