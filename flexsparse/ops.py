@@ -28,8 +28,13 @@ Operators (all outputs freshly allocated, int32 unless said; no input is mutated
   BlockMask lists and the flags (:func:`compact_block_states` returns them as views).
 * ``gather_rows(x [B,H,M,D], idx [B,H,L], back [B,H,M])`` -> ``[B,H,L,D]`` in ``x.dtype``, with
   a registered autograd formula (the gradient is the gather by ``back``).
+* ``split_block_lists(workspace, B, H, nQ, nKV)`` (always opaque, no Triton): the eight lists as
+  separate tensors; used only while compiling with opaque ops (see below).
 
-The Python functions below have the launchers' signatures and are what the patterns call.
+The Python functions below have the launchers' signatures and are what the patterns call. To
+register another launcher: write a fake with exact output shapes/dtypes, an op body that calls
+``_launcher(module.launcher)(...)`` with annotated arguments, and decorate it with
+``@_register(name, kernel_module, fake)``; outputs must be fresh tensors, not views of inputs.
 """
 
 import os
@@ -284,8 +289,33 @@ def compact_block_states(states: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
     state outside {0, 1, 2}. All are views of the op's one output buffer."""
     base = torch.ops.flexsparse.compact_block_states(states)
     views, (fshape, fstride, foff), _ = _workspace_layout(*states.shape)
-    lists = tuple(base.as_strided(shape, stride, off) for shape, stride, off in views)
+    if OPAQUE and torch.compiler.is_compiling():
+        lists = torch.ops.flexsparse.split_block_lists(base, *states.shape)
+    else:
+        lists = tuple(base.as_strided(shape, stride, off) for shape, stride, off in views)
     return lists, base.as_strided(fshape, fstride, foff)
+
+
+# Inductor's CPU FlexAttention template (torch 2.13) names its pointer arguments by storage
+# buffer, so BlockMask lists that are views of one buffer collide there (C++ compile error); the
+# Triton template handles such views. Under compile with opaque ops (the CPU interpreter path),
+# the lists are therefore copied into separate buffers by an opaque op (Inductor removes plain
+# clones).
+
+
+def _split_fake(base, B, H, nQ, nKV):
+    return tuple(base.new_empty(shape) for shape, _, _ in _workspace_layout(B, H, nQ, nKV)[0])
+
+
+@torch.library.custom_op("flexsparse::split_block_lists", mutates_args=())
+def _split_op(base: Tensor, B: int, H: int, nQ: int, nKV: int) -> tuple[
+    Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor
+]:
+    views = _workspace_layout(B, H, nQ, nKV)[0]
+    return tuple(base.as_strided(shape, stride, off).clone() for shape, stride, off in views)
+
+
+_split_op.register_fake(_split_fake)
 
 
 # ----------------------------------------------------------------------------------------------

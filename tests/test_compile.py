@@ -1,0 +1,330 @@
+"""torch.compile: registered Triton ops (fake impls, both registration paths) and whole models of
+flexsparse layers under ``torch.compile(fullgraph=True)``.
+
+CPU (Triton interpreter): the ops are opaque ``custom_op``s; a tiny 2-layer transformer compiles
+without graph breaks and matches eager (one compiled signature, ~50 s here). The ``triton_op``
+path (CUDA builds) is traced on the CPU in a subprocess without the interpreter: every op must
+decompose into Triton kernel calls. GPU: the same model in bf16 trains 4 steps compiled, one frame
+compile for all steps, losses and gradients as eager.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+from flexsparse import ops
+from flexsparse.testing import assert_close_to_ref
+
+from models import lm_loss, random_attn_inputs, tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+SKIP_COMPILE = os.environ.get("FLEXSPARSE_SKIP_COMPILE") == "1"
+
+
+def _bijection(B, H, M, L, device):
+    """``(idx [B,H,L], back [B,H,M])``: slots 0..L-5 read distinct rows, 4 slots read none (M)."""
+    perm = torch.stack([torch.randperm(M, device=device) for _ in range(B * H)]).view(B, H, M)
+    idx = perm[..., :L].clone()
+    idx[..., -4:] = M
+    back = torch.full((B, H, M), L, device=device)
+    back.scatter_(-1, idx[..., :-4], torch.arange(L - 4, device=device).expand(B, H, L - 4).contiguous())
+    return idx.int(), back.int()
+
+
+def _op_samples(device):
+    """One or more argument tuples per registered op (shapes off powers of two; B*H a multiple of
+    4 for compact_block_states, whose rounding padding is never written)."""
+    keys = torch.randint(-1, 3, (6, 37), dtype=torch.int32, device=device)
+    pos = torch.randint(-1, 50, (2, 4, 37), dtype=torch.int32, device=device)
+    bkt = torch.randint(0, 3, (2, 4, 37), dtype=torch.int32, device=device)
+    q_stats = ops.block_stats(pos, bkt, 8, True)
+    k_stats = ops.block_stats(pos[:, :2], bkt[:, :2], 16)
+    num = torch.randint(0, 4, (2, 2, 5), dtype=torch.int32, device=device)
+    idx = torch.randint(0, 3, (2, 2, 5, 4), dtype=torch.int32, device=device)
+    states = torch.randint(0, 3, (2, 2, 5, 3), dtype=torch.int8, device=device)
+    x = torch.randn(2, 3, 21, 8, device=device, requires_grad=True)
+    g_idx, g_back = _bijection(2, 3, 21, 17, device)
+    return {
+        "sorted_layout": [(keys, 3, 48, 8, -1, True), (keys, 1, 30, 0, 37, False)],
+        "block_stats": [(pos, bkt, 8, True), (pos, None, 16, False)],
+        "sorted_block_states": [(q_stats, k_stats, 2)],
+        "scatter_block_lists": [(num, idx, num, idx, 3), (num, idx, None, None, 3)],
+        "compact_block_states": [(states,)],
+        "split_block_lists": [(torch.ops.flexsparse.compact_block_states(states), 2, 2, 5, 3)],
+        "gather_rows": [(x, g_idx, g_back)],
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "sorted_layout",
+        "block_stats",
+        "sorted_block_states",
+        "scatter_block_lists",
+        "compact_block_states",
+        "split_block_lists",
+        "gather_rows",
+    ],
+)
+def test_opcheck(name, device):
+    """Schema, fake impl (exact shapes/dtypes/strides), autograd registration and AOT dispatch
+    (gradients too for gather_rows) of every registered op."""
+    op = getattr(torch.ops.flexsparse, name).default
+    samples = _op_samples(device)
+    for args in samples[name]:
+        torch.library.opcheck(op, args)
+
+
+def test_registration_path_and_wrappers(device):
+    """CPU suite: opaque custom ops; CUDA without the interpreter: triton_op. The wrappers return
+    what the launchers return (bucket None without ``with_bucket``, lists as views)."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    assert ops.OPAQUE == interpret
+    from flexsparse.kernels.blockmask import Workspace, compact_block_states
+    from flexsparse.kernels.layout import sorted_layout
+
+    keys = torch.randint(-1, 4, (3, 45), dtype=torch.int32, device=device)
+    got = ops.sorted_layout(keys, 4, 50, invalid_pos=45, with_bucket=False)
+    want = sorted_layout(keys, 4, 50, invalid_pos=45, with_bucket=False)
+    assert got[3] is None and want[3] is None
+    for g, w in zip(got[:3] + got[4:], want[:3] + want[4:]):
+        assert torch.equal(g, w)
+    # the eight lists carved from the op's buffer = the launcher's Workspace views
+    for shape in [(1, 1, 1, 1), (2, 3, 5, 7), (1, 2, 9, 4)]:
+        states = torch.randint(0, 3, shape, dtype=torch.int8, device=device)
+        states[0, 0, 0, 0] = 5  # an invalid state: flagged
+        lists, flags = ops.compact_block_states(states)
+        ws = Workspace(*shape, states.device, with_states=False)
+        compact_block_states(states, ws)
+        for g, w in zip(lists, ws.lists):
+            assert (g.shape, g.stride(), g.storage_offset()) == (w.shape, w.stride(), w.storage_offset())
+            assert torch.equal(g, w)
+        assert torch.equal(flags, ws.compact_flags) and flags[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the CUDA registration path, traced on the CPU
+
+
+_TRACE_SCRIPT = r"""
+import torch
+from torch._functorch.aot_autograd import aot_function
+from torch._functorch.partitioners import default_partition
+from flexsparse import ops
+from flexsparse.kernels.layout import _count_kernel
+
+assert not ops.OPAQUE
+assert _count_kernel in torch._library.triton.get_triton_kernels_for_op("flexsparse::sorted_layout")
+graphs = {}
+
+def partition(gm, inputs, **kw):  # training: the joint forward + backward graph
+    graphs["joint"] = gm
+    return default_partition(gm, inputs, **kw)
+
+def fail(gm, inputs):
+    graphs.setdefault("fw", gm)
+    def run(*a):
+        raise RuntimeError("traced only")
+    return run
+
+def trace(f, *args):
+    # AOTAutograd decomposes each triton_op into its kernel launches (nothing runs: no GPU here)
+    graphs.clear()
+    try:
+        aot_function(f, fw_compiler=fail, bw_compiler=fail, partition_fn=partition)(*args)
+    except RuntimeError as e:
+        assert "traced only" in str(e), e
+    return graphs.get("joint", graphs["fw"]).code
+
+keys = torch.randint(-1, 3, (4, 37), dtype=torch.int32)
+pos = torch.randint(-1, 50, (2, 4, 37), dtype=torch.int32)
+states = torch.randint(0, 3, (2, 2, 5, 3), dtype=torch.int8)
+num = torch.randint(0, 4, (2, 2, 5), dtype=torch.int32)
+idx = torch.randint(0, 3, (2, 2, 5, 4), dtype=torch.int32)
+x = torch.randn(2, 3, 10, 4, requires_grad=True)
+perm = torch.stack([torch.randperm(10) for _ in range(6)]).view(2, 3, 10)
+back = torch.empty_like(perm).scatter_(-1, perm, torch.arange(10).expand(2, 3, 10).contiguous())
+
+codes = {
+    "layout": trace(lambda k: ops.sorted_layout(k, 3, 45, align=8)[:3], keys),
+    "layout_nb": trace(lambda k: ops.sorted_layout(k, 1, 37, with_bucket=False)[:3], keys),
+    "stats": trace(lambda p: ops.sorted_block_states(ops.block_stats(p, p, 8, True), ops.block_stats(p, None, 16), 2), pos),
+    "lists": trace(lambda n, i: ops.compact_block_states(ops.scatter_block_lists(n, i, n, i, 3)[0])[0], num, idx),
+    "compact": trace(lambda s: ops.compact_block_states(s)[0], states),
+    "gather": trace(lambda x, i, b: ops.gather_rows(x, i, b).square(), x, perm, back),  # forward and backward
+}
+for name, code in codes.items():
+    assert "flexsparse" not in code, (name, code)
+    n = code.count("triton_kernel_wrapper_functional(")
+    print(name, n)
+    assert n >= (2 if name in ("layout", "layout_nb", "stats", "lists", "gather") else 1), (name, code)
+print("OK")
+"""
+
+
+def test_triton_op_path_decomposes_into_kernels():
+    """Without the interpreter the ops are triton_ops: AOTAutograd (what Inductor compiles) sees
+    the Triton kernel launches of every op, forward and the gather's backward, and no opaque op
+    call; the AOTAutograd cache knows the kernels of each op."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(
+        [sys.executable, "-c", _TRACE_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stdout + res.stderr[-6000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# whole models
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Forget earlier compiles: after compiling a model at another length, Dynamo would mark the
+    length dynamic (automatic dynamic shapes); these tests are about static shapes."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _shape(device):
+    # CPU FlexAttention accepts any block size; the GPU kernels want 128-blocks by default
+    return (2, 70, 16) if device == "cpu" else (2, 300, 128)
+
+
+@pytest.mark.skipif(SKIP_COMPILE, reason="compile disabled")
+def test_compiled_model_forward_matches_eager(device, fresh_dynamo):
+    """Embedding + [hash (LSH buckets drawn inside, counting-sort op), query/key drop (keep masks
+    given)] + head, compiled with fullgraph=True: equal to eager under no_grad, for two different
+    inputs with a single frame compile."""
+    B, N, bs = _shape(device)
+    model = tiny_model(["hash", "qk"], block_size=bs).to(device).eval()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for _ in range(2):
+        tokens = torch.randint(0, 61, (B, N), device=device)
+        inputs = random_attn_inputs(model, B, N, device)
+        inputs[0] = {}  # the hash layer draws its own LSH buckets
+        with torch.no_grad():
+            want = model(tokens, inputs)
+            got = compiled(tokens, inputs)
+        assert got.shape == (B, N, 61)
+        assert_close_to_ref("logits", got, want, floor=1e-4 if device == "cpu" else 1e-3)
+        assert counter.frame_count == 1
+
+
+def test_every_layer_mode_traces_without_graph_breaks(device, fresh_dynamo):
+    """Dynamo alone (eager backend: cheap, no Inductor): hash layers with LSH and with given
+    buckets (sort path), drop layers drawing their keep masks inside (capacity from the rate,
+    device-side check) and with given masks, all in one graph; same output as eager, RNG included."""
+    B, N, bs = (1, 45, 16) if device == "cpu" else (1, 300, 128)
+    model = tiny_model(["hash", "qk", "hash", "qk"], block_size=bs).to(device).eval()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    tokens = torch.randint(0, 61, (B, N), device=device)
+    inputs = random_attn_inputs(model, B, N, device)
+    inputs[0], inputs[1] = {}, {}  # LSH buckets, random keep masks drawn inside
+    seed = int(torch.randint(0, 2**31, ()))
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        want = model(tokens, inputs)
+        torch.manual_seed(seed)
+        got = compiled(tokens, inputs)
+    assert counter.frame_count == 1
+    assert_close_to_ref("logits", got, want, floor=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: training a compiled model
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_model_trains_like_eager(fresh_dynamo):
+    """bf16 model (hash with given buckets, query/key drop with given keep masks), 4 training steps
+    on fresh random inputs: one frame compile in all, and each step's loss and every parameter
+    gradient equal to eager within bf16 tolerance."""
+    B, N, bs = _shape("cuda")
+    model = tiny_model(["hash", "qk"], dim=256, heads=4, kv_heads=2, block_size=bs).cuda().bfloat16()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1)
+    for step in range(4):
+        tokens = torch.randint(0, 61, (B, N), device="cuda")
+        inputs = random_attn_inputs(model, B, N, "cuda")
+        loss_e = lm_loss(model(tokens, inputs), tokens)
+        grads_e = torch.autograd.grad(loss_e, params)
+        loss_c = lm_loss(compiled(tokens, inputs), tokens)
+        grads_c = torch.autograd.grad(loss_c, params)
+        assert counter.frame_count == 1, f"recompiled at step {step}"
+        assert torch.isfinite(loss_c)
+        assert abs(float(loss_c) - float(loss_e)) <= 1e-2 * abs(float(loss_e)), (step, float(loss_c), float(loss_e))
+        for (name, _), gc, ge in zip(model.named_parameters(), grads_c, grads_e):
+            assert torch.isfinite(gc).all(), name
+            assert _rel_err(gc, ge) < 3e-2, (step, name, _rel_err(gc, ge))
+        for p, g in zip(params, grads_c):
+            p.grad = g
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_model_draws_inside(fresh_dynamo):
+    """bf16 model whose layers draw their own inputs inside the compiled graph (LSH buckets with
+    the counting-sort op and aligned buckets, random keep masks with a capacity from the rate):
+    4 training steps, one frame compile, finite losses and gradients that reach every parameter."""
+    B, N, bs = 2, 2100, 128  # long enough for bucket alignment (n_buckets * 127 <= N / 4)
+    model = tiny_model(["hash", "qk"], dim=256, heads=4, kv_heads=2, block_size=bs).cuda().bfloat16()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(4):
+        tokens = torch.randint(0, 61, (B, N), device="cuda")
+        loss = lm_loss(compiled(tokens), tokens)
+        loss.backward()
+        assert counter.frame_count == 1, f"recompiled at step {step}"
+        assert torch.isfinite(loss)
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_pattern_inlines_triton_kernels(fresh_dynamo):
+    """On CUDA the ops are triton_ops: Inductor's code for a compiled mask build holds the Triton
+    kernels themselves, not calls back into the flexsparse ops."""
+    from torch._inductor.utils import run_and_get_code
+
+    from flexsparse import drop_block_mask, hash_block_mask
+
+    assert not ops.OPAQUE
+    qb = torch.randint(0, 4, (1, 4, 500), device="cuda")
+    kb = torch.randint(0, 4, (1, 2, 500), device="cuda")
+    keep = torch.rand(1, 4, 500, device="cuda") < 0.5
+
+    x = torch.randn(1, 4, 500, 64, device="cuda")
+
+    def build(qb, kb, keep, x):
+        h = hash_block_mask(qb, kb, n_buckets=4, block_size=128)
+        d = drop_block_mask(keep, keep[:, :2], block_size=128, capacity=300)
+        return h.block_mask.kv_indices, d.block_mask.q_indices, h.permute_q(x)
+
+    out, codes = run_and_get_code(torch.compile(build, fullgraph=True), qb, kb, keep, x)
+    want = build(qb, kb, keep, x)
+    for g, w in zip(out, want):
+        assert torch.equal(g, w)
+    code = "\n".join(codes)
+    assert "torch.ops.flexsparse" not in code
+    for kernel in ("_block_stats_kernel", "_sorted_states_kernel", "_compact_kernel", "_gather_rows_kernel"):
+        assert kernel in code, kernel
