@@ -20,7 +20,8 @@ Three launches:
 2. per row: segment starts and lengths, each chunk's first slot per key (start + tokens of the
    same key in earlier chunks), the flag;
 3. per (chunk, row): place the chunk's tokens (slot = that first slot + rank inside the chunk)
-   and fill the chunk's range of empty slots.
+   and fill empty slots: the tail after the last segment by chunks of slots, and (aligned
+   layouts) the padding of segment ``c`` (fewer than ``BS`` slots) in program ``c``.
 
 Ranks and counts inside a chunk use *packed counters*: a token of key ``b`` adds ``1 << (FB *
 (b % FPW))`` to word ``b // FPW`` of 64-bit words holding ``FPW`` fields of ``FB`` bits, so one
@@ -89,9 +90,13 @@ def _scan_kernel(
     else:
         seglen = counts
     start = tl.cumsum(seglen, axis=0) - seglen
-    tl.store(seg_ptr + row * 2 * NB + ids, start)
-    tl.store(seg_ptr + row * 2 * NB + NB + ids, counts)
-    nbad += (tl.sum(seglen, axis=0) > L).to(tl.int32)
+    used = tl.sum(seglen, axis=0)
+    seg = seg_ptr + row * (2 * NB + 2)
+    tl.store(seg + ids, start)
+    tl.store(seg + NB + ids, counts)
+    tl.store(seg + 2 * NB, used)
+    tl.store(seg + 2 * NB + 1, tl.max(tl.where(counts > 0, ids, 0), axis=0))
+    nbad += (used > L).to(tl.int32)
     tl.store(flag_ptr + row, (nbad > 0).to(tl.int32))
     run = start
     for c0 in range(0, C, CB):
@@ -108,12 +113,11 @@ def _write_kernel(
     key_ptr, base_ptr, seg_ptr, src_ptr, dst_ptr, pos_ptr, bkt_ptr,
     N, L, C, nb, BS, invalid_pos,
     NB: tl.constexpr, CH: tl.constexpr, FB: tl.constexpr, FPW: tl.constexpr, NW: tl.constexpr,
-    ALIGN: tl.constexpr, HAS_BKT: tl.constexpr,
+    ALIGN: tl.constexpr, HAS_BKT: tl.constexpr, PADB: tl.constexpr,
 ):
-    """Per (chunk, row): place the chunk's tokens and fill the chunk's range of empty slots."""
+    """Per (chunk, row): place the chunk's tokens and fill empty slots (see the module docstring)."""
     c = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1).to(tl.int64)
-    ids = tl.arange(0, NB)
     # tokens of this chunk: slot = the chunk's first slot for the key + rank of the token
     offs = c * CH + tl.arange(0, CH)
     m = offs < N
@@ -132,25 +136,27 @@ def _write_kernel(
     if HAS_BKT:
         tl.store(bkt_ptr + row * L + slot, key, mask=valid)
     tl.store(dst_ptr + row * N + offs, tl.where(valid, slot, L).to(tl.int32), mask=m)
-    # empty slots in this chunk's range of slots
-    start = tl.load(seg_ptr + row * 2 * NB + ids)
-    counts = tl.load(seg_ptr + row * 2 * NB + NB + ids)
-    if ALIGN:
-        seglen = (counts + BS - 1) // BS * BS
-    else:
-        seglen = counts
+    # empty slots: the tail [used, L) by slot chunks, the padding of segment c (< BS slots) here
+    seg = seg_ptr + row * (2 * NB + 2)
+    used = tl.load(seg + 2 * NB)
+    last = tl.load(seg + 2 * NB + 1)
     slots = c * CH + tl.arange(0, CH)
-    sm = slots < L
-    inseg = (slots[:, None] >= start[None, :]) & (slots[:, None] < (start + seglen)[None, :])
-    taken = tl.max((inseg & (slots[:, None] < (start + counts)[None, :])).to(tl.int32), axis=1) > 0
-    empty = sm & ~taken
-    tl.store(src_ptr + row * L + slots, (N + slots * 0).to(tl.int32), mask=empty)
-    tl.store(pos_ptr + row * L + slots, (invalid_pos + slots * 0).to(tl.int32), mask=empty)
+    tail = (slots >= used) & (slots < L)
+    tl.store(src_ptr + row * L + slots, (N + slots * 0).to(tl.int32), mask=tail)
+    tl.store(pos_ptr + row * L + slots, (invalid_pos + slots * 0).to(tl.int32), mask=tail)
     if HAS_BKT:
-        last = tl.max(tl.where(counts > 0, ids, 0), axis=0)
-        seg = tl.sum(tl.where(inseg, ids[None, :], 0), axis=1)
-        seg = tl.where(tl.max(inseg.to(tl.int32), axis=1) > 0, seg, last)
-        tl.store(bkt_ptr + row * L + slots, seg.to(tl.int32), mask=empty)
+        tl.store(bkt_ptr + row * L + slots, (last + slots * 0).to(tl.int32), mask=tail)
+    if ALIGN:
+        if c < NB:
+            cnt_c = tl.load(seg + NB + c)
+            pad0 = tl.load(seg + c) + cnt_c
+            npad = (cnt_c + BS - 1) // BS * BS - cnt_c
+            ps = pad0 + tl.arange(0, PADB)
+            pm = (tl.arange(0, PADB) < npad) & (ps < L)
+            tl.store(src_ptr + row * L + ps, (N + ps * 0).to(tl.int32), mask=pm)
+            tl.store(pos_ptr + row * L + ps, (invalid_pos + ps * 0).to(tl.int32), mask=pm)
+            if HAS_BKT:
+                tl.store(bkt_ptr + row * L + ps, (c + ps * 0).to(tl.int32), mask=pm)
 
 
 # Chunk length per padded key count (a power of two); benchmarks may override it.
@@ -193,19 +199,21 @@ def sorted_layout(
     NB, CH, FB, FPW, NW = _tiles(nb)
     C = triton.cdiv(N, CH)
     # one scratch allocation: counts and first slots [R, C, NB], segments [R, 2, NB], bad [R, C]
-    scratch = torch.empty(R * (2 * C * NB + 2 * NB + C), dtype=torch.int32, device=dev)
+    n_seg = R * (2 * NB + 2)
+    scratch = torch.empty(R * (2 * C * NB + C) + n_seg, dtype=torch.int32, device=dev)
     cnt = scratch[: R * C * NB]
     base = scratch[R * C * NB : 2 * R * C * NB]
-    seg = scratch[2 * R * C * NB : 2 * R * C * NB + 2 * R * NB]
-    bad = scratch[2 * R * C * NB + 2 * R * NB :]
+    seg = scratch[2 * R * C * NB : 2 * R * C * NB + n_seg]
+    bad = scratch[2 * R * C * NB + n_seg :]
     warps = 4
     _count_kernel[(C, R)](keys, cnt, bad, N, C, nb, NB=NB, CH=CH, FB=FB, FPW=FPW, NW=NW, num_warps=warps)
     CB = max(1, min(128, 4096 // NB))
     _scan_kernel[(R,)](cnt, bad, base, seg, flags, L, C, max(1, align), NB=NB, CB=CB, ALIGN=align > 0, num_warps=4)
-    grid = (max(C, triton.cdiv(L, CH)), R)
+    grid = (max(C, triton.cdiv(L, CH), NB if align else 1), R)
     _write_kernel[grid](
         keys, base, seg, src, dst, pos, src if bkt is None else bkt,
         N, L, C, nb, max(1, align), invalid_pos,
-        NB=NB, CH=CH, FB=FB, FPW=FPW, NW=NW, ALIGN=align > 0, HAS_BKT=with_bucket, num_warps=warps,
+        NB=NB, CH=CH, FB=FB, FPW=FPW, NW=NW, ALIGN=align > 0, HAS_BKT=with_bucket,
+        PADB=max(16, triton.next_power_of_2(max(1, align))), num_warps=warps,
     )
     return src, dst, pos, bkt, flags
