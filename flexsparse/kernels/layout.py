@@ -167,7 +167,9 @@ def _tiles(nb: int) -> tuple[int, int, int, int, int]:
     """``(NB, CH, FB, FPW, NW)``: padded key count, chunk length, field bits, fields per 64-bit
     word, words. Fields must hold a whole chunk's count: 8 bits up to 255 tokens, else 16."""
     NB = max(2, triton.next_power_of_2(nb))
-    CH = _CHUNK.get(NB, 1024 if NB <= 4 else 128)
+    # measured on the H100 (benchmarks/bench_layout.py, 192 rows of 16k): 512 tokens for 1-4 keys,
+    # 256 up to 16 keys, 128 beyond
+    CH = _CHUNK.get(NB, 512 if NB <= 4 else 256 if NB <= 16 else 128)
     FB = 8 if CH < 256 else 16
     FPW = 64 // FB
     return NB, CH, FB, FPW, triton.cdiv(NB, FPW)
