@@ -459,8 +459,8 @@ def test_compiled_cpu_flex_uses_lists(exact):
 
 def test_gpu_kernel_options():
     o = gpu_kernel_options(torch.bfloat16, 64, 128)
-    assert o == {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64,
-                 "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}
+    assert o == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 4,
+                 "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}
     o = gpu_kernel_options(torch.bfloat16, 32, 128, {"BLOCK_M": 32, "bwd_num_warps": 4})
     assert o["fwd_BLOCK_N"] == 32 and o["bwd_BLOCK_N1"] == 32 and o["bwd_BLOCK_M1"] == 32
     assert "fwd_BLOCK_M" not in o and o["BLOCK_M"] == 32 and o["bwd_num_warps"] == 4

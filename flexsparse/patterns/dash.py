@@ -570,7 +570,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 def gpu_kernel_options(dtype: torch.dtype, chunk_size: int, q_block: int, user: dict | None = None) -> dict:
     """FlexAttention ``kernel_options`` for KV blocks of one chunk: forward tiles
-    ``BLOCK_M x BLOCK_N`` = 128 x 64 (fp16/bf16) and 64 x 64 backward tiles, shrunk to divide
+    ``BLOCK_M x BLOCK_N`` = 64 x 64 (fp16/bf16, 2 stages) and 64 x 64 backward tiles, shrunk to divide
     ``q_block`` and ``chunk_size``; ``user`` entries win (an unprefixed key replaces both the
     ``fwd_`` and ``bwd_`` defaults of that name)."""
     low = dtype in (torch.float16, torch.bfloat16)
@@ -581,8 +581,12 @@ def gpu_kernel_options(dtype: torch.dtype, chunk_size: int, q_block: int, user: 
             f"on the GPU, chunk_size and q_block must be multiples of 16 (FlexAttention tiles), "
             f"got chunk_size={chunk_size}, q_block={q_block}"
         )
+    # forward: 128 x 64 tiles with 3 stages need 256 KiB of shared memory on the H100 with D=128
+    # (no valid config); 64 x 64 with 2 stages compiled and ran fastest of the variants measured
+    # (benchmarks/probe_dash_flex.py: 4.2 ms vs 4.5-17 ms at 8k, 56% kept)
+    m = min(m, 64)
     opts = {
-        "fwd_BLOCK_M": m, "fwd_BLOCK_N": n,
+        "fwd_BLOCK_M": m, "fwd_BLOCK_N": n, "fwd_num_stages": 2, "fwd_num_warps": 4,
         # backward: BLOCK_N1 % BLOCK_M1 == 0 and BLOCK_M2 % BLOCK_N2 == 0
         "bwd_BLOCK_M1": min(bm, bn), "bwd_BLOCK_N1": bn, "bwd_BLOCK_M2": bm, "bwd_BLOCK_N2": min(bm, bn),
     }
