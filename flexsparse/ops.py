@@ -152,9 +152,16 @@ def _kernels(module: str):
     return importlib.import_module(f"flexsparse.kernels.{module}")
 
 
-def _eager() -> bool:
-    """Call the launcher directly (not tracing): the registered op only matters to compile."""
-    return not torch.compiler.is_compiling()
+def _eager(*tensors: Tensor | None) -> bool:
+    """Call the launcher directly: not tracing, on plain tensors. The registered op only matters
+    to tracers: Dynamo, and also make_fx / AOTAutograd / non-strict export, fake-tensor shape
+    propagation and functorch transforms, which do not set ``is_compiling`` but run inside a
+    dispatch mode or an interpreter, or pass tensor subclasses (fake, functional)."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return False
+    return all(t is None or type(t) is Tensor or type(t) is torch.nn.Parameter for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +190,7 @@ def sorted_layout(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor]:
     """Registered :func:`flexsparse.kernels.layout.sorted_layout`: ``(src [R, L], dst [R, N],
     pos [R, L], bkt [R, L] | None, flags [R])``, all int32, for integer ``keys [R, N]``."""
-    if _eager():
+    if _eager(keys):
         return _kernels("layout").sorted_layout(keys, nb, L, align=align, invalid_pos=invalid_pos, with_bucket=with_bucket)
     src, dst, pos, bkt, flags = torch.ops.flexsparse.sorted_layout(keys, nb, L, align, invalid_pos, with_bucket)
     return src, dst, pos, (bkt if with_bucket else None), flags
@@ -206,7 +213,7 @@ def _block_stats_op(pos: Tensor, bucket: Optional[Tensor], block_size: int, skip
 def block_stats(pos: Tensor, bucket: Tensor | None, block_size: int, skip_negative: bool = False) -> Tensor:
     """Registered :func:`flexsparse.kernels.hash.block_stats`: int64 ``[B, H, nBlocks, 4]`` =
     (pos_min, pos_max, bucket_min, bucket_max) per block of ``pos [B, H, N]`` (and ``bucket``)."""
-    if _eager():
+    if _eager(pos, bucket):
         return _kernels("hash").block_stats(pos, bucket, block_size, skip_negative)
     return torch.ops.flexsparse.block_stats(pos, bucket, block_size, skip_negative)
 
@@ -224,7 +231,7 @@ def _sorted_block_states_op(q_stats: Tensor, k_stats: Tensor, groups: int) -> Te
 def sorted_block_states(q_stats: Tensor, k_stats: Tensor, groups: int) -> Tensor:
     """Registered :func:`flexsparse.kernels.hash.sorted_block_states`: int8 ``[B, Hq, nQ, nKV]``
     block states from int64 ``q_stats [B, Hq, nQ, 4]`` and ``k_stats [B, Hkv, nKV, 4]``."""
-    if _eager():
+    if _eager(q_stats, k_stats):
         return _kernels("hash").sorted_block_states(q_stats, k_stats, groups)
     return torch.ops.flexsparse.sorted_block_states(q_stats, k_stats, groups)
 
@@ -254,7 +261,7 @@ def scatter_block_lists(
     the int8 state map ``[B, H, nQ, n_kv]`` of int32 contiguous lists ``num [B, H, nQ]``,
     ``idx [B, H, nQ, W]`` (and the optional full lists), and int32 ``flags [B*H*nQ]`` (1 where a
     row held an invalid index or count)."""
-    if _eager():
+    if _eager(num, idx, full_num, full_idx):
         return _scatter_eager(num, idx, full_num, full_idx, n_kv)
     return torch.ops.flexsparse.scatter_block_lists(num, idx, full_num, full_idx, n_kv)
 
@@ -309,7 +316,7 @@ def compact_block_states(states: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
     ``kv_idx [B,H,nQ,nKV]``, ``full_kv_*`` alike, ``q_num [B,H,nKV]``, ``q_idx [B,H,nKV,nQ]``,
     ``full_q_*`` alike; ``flags`` int32 ``[B*H*(nQ+nKV)]`` is 1 for each output row that met a
     state outside {0, 1, 2}. All are views of the op's one output buffer."""
-    if _eager():
+    if _eager(states):
         km = _kernels("blockmask")
         ws = km.Workspace(*states.shape, states.device, with_states=False)
         km.compact_block_states(states, ws)
@@ -380,7 +387,7 @@ def gather_rows(x: Tensor, idx: Tensor, back: Tensor) -> Tensor:
     injective on its in-range entries and ``back [B, H, M]`` its inverse (``back[b,h,j]`` = the
     row of ``out`` that row ``j`` of ``x`` went to, out of range where none): the gradient of
     ``x`` is then the gather of the output gradient by ``back``."""
-    if _eager():
+    if _eager(x, idx, back):
         return _EagerGather.apply(x, idx, back)
     return torch.ops.flexsparse.gather_rows(x, idx, back)
 

@@ -81,31 +81,60 @@ def test_opcheck(name, device):
         torch.library.opcheck(op, args)
 
 
-def test_registration_path_and_wrappers(device):
-    """CPU suite: opaque custom ops; CUDA without the interpreter: triton_op. The wrappers return
-    what the launchers return (bucket None without ``with_bucket``, lists as views)."""
+def test_registration_path_and_op_outputs(device):
+    """CPU suite: opaque custom ops; CUDA without the interpreter: triton_op. The ops return what
+    the launchers return (an empty bucket without ``with_bucket``; the compaction buffer carved
+    by ``ops._workspace_layout`` gives the Workspace's views)."""
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     assert ops.OPAQUE == interpret
     from flexsparse.kernels.blockmask import Workspace, compact_block_states
     from flexsparse.kernels.layout import sorted_layout
 
     keys = torch.randint(-1, 4, (3, 45), dtype=torch.int32, device=device)
-    got = ops.sorted_layout(keys, 4, 50, invalid_pos=45, with_bucket=False)
+    got = torch.ops.flexsparse.sorted_layout(keys, 4, 50, 0, 45, False)
     want = sorted_layout(keys, 4, 50, invalid_pos=45, with_bucket=False)
-    assert got[3] is None and want[3] is None
+    assert want[3] is None and got[3].shape == (3, 0)
     for g, w in zip(got[:3] + got[4:], want[:3] + want[4:]):
         assert torch.equal(g, w)
-    # the eight lists carved from the op's buffer = the launcher's Workspace views
     for shape in [(1, 1, 1, 1), (2, 3, 5, 7), (1, 2, 9, 4)]:
         states = torch.randint(0, 3, shape, dtype=torch.int8, device=device)
         states[0, 0, 0, 0] = 5  # an invalid state: flagged
-        lists, flags = ops.compact_block_states(states)
+        base = torch.ops.flexsparse.compact_block_states(states)
+        views, flag_view, total = ops._workspace_layout(*shape)
+        assert base.shape == (total,)
         ws = Workspace(*shape, states.device, with_states=False)
         compact_block_states(states, ws)
-        for g, w in zip(lists, ws.lists):
-            assert (g.shape, g.stride(), g.storage_offset()) == (w.shape, w.stride(), w.storage_offset())
-            assert torch.equal(g, w)
-        assert torch.equal(flags, ws.compact_flags) and flags[0] == 1
+        for (shp, stride, off), w in zip(views + [flag_view], list(ws.lists) + [ws.compact_flags]):
+            assert (shp, stride, off) == (tuple(w.shape), w.stride(), w.storage_offset())
+            assert torch.equal(base.as_strided(shp, stride, off), w)
+        assert ws.compact_flags[0] == 1
+        split = torch.ops.flexsparse.split_block_lists(base, *shape)
+        for t, w in zip(split, ws.lists):
+            assert t.is_contiguous() and torch.equal(t, w)
+
+
+def test_wrappers_use_the_ops_under_any_tracer(device):
+    """Outside tracing the wrappers launch the kernels directly (host time); under a tracer that
+    is not Dynamo (make_fx with fake tensors here, as AOTAutograd and export use) they must go
+    through the registered ops, never hand fake tensors to a launcher."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    keys = torch.randint(-1, 3, (4, 37), dtype=torch.int32, device=device)
+    x = torch.randn(2, 3, 21, 8, device=device)
+    idx, back = _bijection(2, 3, 21, 17, device)
+
+    def f(keys, x, idx, back):
+        src, dst, pos, bkt, flags = ops.sorted_layout(keys, 3, 40)
+        stats = ops.block_stats(pos.view(2, 2, 40), bkt.view(2, 2, 40), 8)
+        lists, _ = ops.compact_block_states(ops.sorted_block_states(stats, stats, 1))
+        return src, lists[1], ops.gather_rows(x, idx, back)
+
+    gm = make_fx(f, tracing_mode="fake")(keys, x, idx, back)
+    for name in ("sorted_layout", "block_stats", "sorted_block_states", "compact_block_states", "gather_rows"):
+        assert f"flexsparse.{name}" in gm.code, name
+    got, want = gm(keys, x, idx, back), f(keys, x, idx, back)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
 
 
 # ---------------------------------------------------------------------------------------------
