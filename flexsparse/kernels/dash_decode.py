@@ -1,0 +1,474 @@
+"""Triton kernels of DashAttention decoding with a KV cache (``q_len`` small, split-KV).
+
+Notation: the cache holds ``N`` tokens (read on the device from ``len_ptr``, an int32 scalar, so
+a step can be captured in a CUDA graph), keys/values ``k, v [B, Hkv, cap, D]`` and the summaries
+of the complete chunks ``kbar [B, Hkv, cap // C, D]`` (``NFS = cap // C`` columns). The ``L``
+query rows ``q [B, Hq, L, D]`` sit at positions ``i = N - L + r``; row ``r`` lies in chunk
+``c_i = i // C`` and routes over the complete chunks ``c < c_i``. ``G = Hq / Hkv``; query head
+``h`` reads KV head ``h // G``. With ``xs = gamma * scale / 2``::
+
+    x[h, r, c] = xs * q[h, r] . kbar[h // G, c]            (x = z / 2)
+    p[h, r, c] = (x - tau[h, r])_+^2,   sum_{c < c_i} p = 1
+    pbar[g, r, c] = mean of p over the G heads of KV head g;  selected: c < c_i and pbar > 0
+    prior of a selected chunk = (log pbar - shift) / sigma   (shift = 0, sigma = 1 by default;
+        estimate_diagonal: shift = mean of log pbar over the row's selected chunks)
+    the diagonal chunk c_i: prior 0 (pi = 1), keys c_i * C .. i
+
+Kernels (four launches per step):
+
+* ``_scores_kernel``, grid (chunk tiles, row tiles, B * Hkv): the ``G * L`` query rows of a KV
+  head are stacked along M (``m = g * L + r``, padded to >= 16) so one ``tl.dot`` of
+  ``[M, D] x [D, BLOCK_N]`` scores every head of the group against a tile of summaries; ``x``
+  goes to a float32 scratch ``[B, Hq, L, NFS]`` (small: ``G * L`` rows per KV head). Spreading
+  this over chunk tiles keeps the one pass over ``kbar`` parallel even at batch 1.
+* ``_route_kernel``, grid (L, B * Hkv): one program per (batch, KV head, row) holds the ``G``
+  heads as a ``[BLOCK_G, BLOCK_C]`` tile stream over the scratch: row maximum and mean, then
+  ``tau`` per head by the solver of :mod:`flexsparse.kernels.router` (bracket inside
+  ``[max - 1, max]`` in x units, the closed-form root of ``f(tau) = sum (x - tau)_+^2 - 1`` on the
+  current support, Halley steps, bisection whenever a step leaves the bracket), then ``pbar``
+  and a compact list of the selected chunk ids with their ``log pbar`` (prefix sums keep the
+  chunk order), the count and the row's ``shift``.
+* ``_split_kernel``, grid (S, B * Hkv * L): split ``s`` of a row takes items
+  ``[s * per, min(T, (s + 1) * per))`` of the row's ``T = count + 1`` items (the selected chunks,
+  then the diagonal chunk), ``per = max(ceil(T / S), min_per)``; splits past the end write an
+  empty partial. Group-centric: the ``G`` heads of the KV head form the M dimension of one tile,
+  so every K/V chunk is loaded once for the whole group. Online softmax in base 2 with the
+  prior added to the logits; partials ``(m, l, acc)`` in float32 (or the normalised output
+  directly when ``S == 1``).
+* ``_combine_kernel``, grid (B * Hq * L): ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``.
+
+Accumulation is float32; ``tl.dot`` takes bf16/fp16 operands as they are and float32 operands
+in IEEE precision (the interpreter path).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_ITER", "decode_attention", "decode_route", "decode_scores", "default_num_splits"]
+
+# Solver passes after the max pass (bisection alone closes a bracket of width 1 in ~22).
+MAX_ITER = 40
+
+_INF = tl.constexpr(float("inf"))
+_LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1: scores of all G heads of a group against the cached summaries
+
+
+@triton.jit(do_not_specialize=["Hkv", "G", "L", "D", "NFS", "xs"])
+def _scores_kernel(
+    q_ptr, kb_ptr, len_ptr, x_ptr,
+    Hkv, G, L, D, NFS, xs,
+    sqb, sqh, sql, skb, skh, skc,
+    C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    bk = tl.program_id(2).to(tl.int64)
+    b = bk // Hkv
+    hk = bk % Hkv
+    N = tl.load(len_ptr)
+    NF = N // C
+    GL = G * L
+    mm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mvalid = mm < GL
+    g = mm // L
+    r = mm % L
+    head = (hk * G + g).to(tl.int64)
+    dcols = tl.arange(0, BLOCK_D)
+    dmask = dcols < D
+    q = tl.load(
+        q_ptr + b * sqb + head[:, None] * sqh + r[:, None].to(tl.int64) * sql + dcols[None, :],
+        mask=mvalid[:, None] & dmask[None, :], other=0.0,
+    )
+    cols = pid_c * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < NF
+    kb = tl.load(
+        kb_ptr + b * skb + hk * skh + cols[:, None].to(tl.int64) * skc + dcols[None, :],
+        mask=cmask[:, None] & dmask[None, :], other=0.0,
+    )
+    x = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * xs
+    rows = bk * GL + mm  # row of the [B, Hq, L] scratch (h = hk * G + g)
+    tl.store(x_ptr + rows[:, None] * NFS + cols[None, :], x, mask=mvalid[:, None] & cmask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 1: tau per head, pbar, compact selection
+
+
+@triton.jit(do_not_specialize=["Hkv", "G", "L", "NFS", "inv_g"])
+def _route_kernel(
+    x_ptr, len_ptr, ids_ptr, lp_ptr, cnt_ptr, shift_ptr,
+    Hkv, G, L, NFS, inv_g,
+    C: tl.constexpr, ESTIMATE: tl.constexpr, MAX_ITER: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0)
+    bk = tl.program_id(1).to(tl.int64)
+    N = tl.load(len_ptr)
+    i = N - L + r
+    ci = i // C  # past chunks of this row (all complete: c_i <= N // C)
+    gg = tl.arange(0, BLOCK_G)
+    gmask = gg < G
+    xrow = x_ptr + ((bk * G + gg) * L + r)[:, None] * NFS  # [BLOCK_G, 1] row pointers
+
+    # pass 0: row maximum and mean over the past chunks
+    m = tl.full([BLOCK_G], -_INF, tl.float32)
+    sx = tl.zeros([BLOCK_G], tl.float32)
+    for c0 in range(0, ci, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        valid = gmask[:, None] & (cols < ci)[None, :]
+        x = tl.load(xrow + cols[None, :], mask=valid, other=-_INF)
+        m = tl.maximum(m, tl.max(x, 1))
+        sx += tl.sum(tl.where(valid, x, 0.0), 1)
+
+    has = ci > 0
+    n = tl.maximum(ci, 1).to(tl.float32)
+    rs = 1.0 / tl.sqrt(n)
+    m = tl.where(gmask & has, m, 0.0)
+    # f(m - 1/sqrt(n)) <= 0 and f(max(m - 1, mean - 1/sqrt(n))) >= 0
+    hi = m - rs
+    lo = tl.minimum(tl.maximum(m - 1.0, sx / n - rs), hi)
+    tol = 4e-7 * (tl.abs(m) + 1.0)
+    done = (hi - lo <= tol) | (ci == 0) | (gmask == 0)
+    tau = lo
+
+    it = 0
+    todo = tl.sum((done == 0).to(tl.int32), 0)
+    while (todo > 0) & (it < MAX_ITER):
+        a1 = tl.zeros([BLOCK_G], tl.float32)
+        a2 = tl.zeros([BLOCK_G], tl.float32)
+        cnt = tl.zeros([BLOCK_G], tl.float32)
+        min_in = tl.full([BLOCK_G], _INF, tl.float32)
+        max_out = tl.full([BLOCK_G], -_INF, tl.float32)
+        for c0 in range(0, ci, BLOCK_C):
+            cols = c0 + tl.arange(0, BLOCK_C)
+            valid = gmask[:, None] & (cols < ci)[None, :]
+            x = tl.load(xrow + cols[None, :], mask=valid, other=-_INF)
+            a = x - tau[:, None]
+            pos = valid & (a > 0)
+            ap = tl.where(pos, a, 0.0)
+            a1 += tl.sum(ap, 1)
+            a2 += tl.sum(ap * ap, 1)
+            cnt += tl.sum(pos.to(tl.float32), 1)
+            min_in = tl.minimum(min_in, tl.min(tl.where(pos, a, _INF), 1))
+            max_out = tl.maximum(max_out, tl.max(tl.where(valid & (a <= 0), a, -_INF), 1))
+        f = a2 - 1.0
+        disc = a1 * a1 - cnt * f
+        has_root = disc >= 0
+        den = a1 + tl.sqrt(tl.maximum(disc, 0.0))
+        d = tl.where(den > 0, f / tl.where(den > 0, den, 1.0), lo - tau)
+        piece = tau + d  # root of f restricted to the current support
+        exact = has_root & (d >= max_out) & (d < min_in)  # ... and that support is the final one
+        left = f > 0
+        newton = tau + f / tl.where(a1 > 0, 2.0 * a1, 1.0)
+        lo_n = tl.where(left, tl.maximum(lo, newton), tl.where(has_root, tl.maximum(lo, piece), lo))
+        hi_n = tl.where(left, tl.where(has_root, tl.minimum(hi, piece), hi), tl.minimum(hi, tau))
+        hden = 4.0 * a1 * a1 - f * cnt
+        halley = tau + 2.0 * f * a1 / tl.where(hden != 0, hden, 1.0)
+        halley = tl.where(hden != 0, halley, lo_n - 1.0)  # (out of the bracket: bisect)
+        cand = tl.where(has_root, piece, halley)
+        inside = (cand >= lo_n) & (cand <= hi_n)
+        cand = tl.where(inside, cand, 0.5 * (lo_n + hi_n))
+        cand = tl.where(exact, piece, cand)
+        finished = exact | (hi_n - lo_n <= tol)
+        tau = tl.where(done, tau, cand)
+        lo = tl.where(done, lo, lo_n)
+        hi = tl.where(done, hi, hi_n)
+        done = done | finished
+        todo = tl.sum((done == 0).to(tl.int32), 0)
+        it += 1
+    tau = tl.where(gmask, tau, _INF)  # padded heads contribute p = 0
+
+    # selection: pbar = mean over the group, selected chunks appended in chunk order
+    row = bk * L + r
+    base = row * NFS
+    count = tl.zeros([], tl.int32)
+    slog = tl.zeros([], tl.float32)
+    for c0 in range(0, ci, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        cvalid = cols < ci
+        x = tl.load(xrow + cols[None, :], mask=gmask[:, None] & cvalid[None, :], other=-_INF)
+        s = tl.maximum(x - tau[:, None], 0.0)
+        pb = tl.sum(s * s, 0) * inv_g
+        sel = cvalid & (pb > 0)
+        si = sel.to(tl.int32)
+        slot = count + tl.cumsum(si, 0) - si
+        lpb = tl.log(tl.where(sel, pb, 1.0))
+        tl.store(ids_ptr + base + slot, cols, mask=sel)
+        tl.store(lp_ptr + base + slot, lpb, mask=sel)
+        count += tl.sum(si, 0)
+        slog += tl.sum(lpb, 0)
+    tl.store(cnt_ptr + row, count)
+    if ESTIMATE:
+        shift = slog / tl.maximum(count, 1).to(tl.float32)
+    else:
+        shift = slog * 0.0
+    tl.store(shift_ptr + row, shift)
+
+
+# ----------------------------------------------------------------------------------------------
+# stage 2: split-KV attention over the selected chunks and the diagonal chunk
+
+
+@triton.jit(do_not_specialize=["Hkv", "G", "L", "D", "NFS", "S", "min_per", "qk_scale", "prior_scale"])
+def _split_kernel(
+    q_ptr, k_ptr, v_ptr, len_ptr, ids_ptr, lp_ptr, cnt_ptr, shift_ptr,
+    o_ptr, m_ptr, l_ptr,
+    Hkv, G, L, D, NFS, S, min_per, qk_scale, prior_scale,
+    sqb, sqh, sql, skb, skh, skn, svb, svh, svn, sob, soh, sol,
+    C: tl.constexpr, CHUNK_TILES: tl.constexpr, SINGLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    s = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)  # (b * Hkv + hk) * L + r
+    bk = row // L
+    r = row % L
+    b = bk // Hkv
+    hk = bk % Hkv
+    N = tl.load(len_ptr)
+    i = N - L + r
+    ci = i // C
+    n_sel = tl.load(cnt_ptr + row)
+    shift = tl.load(shift_ptr + row)
+    T = n_sel + 1
+    per = tl.maximum((T + S - 1) // S, min_per)
+    t0 = s * per
+    t1 = tl.minimum(T, t0 + per)
+
+    gg = tl.arange(0, BLOCK_M)
+    gmask = gg < G
+    head = (hk * G + gg).to(tl.int64)
+    dcols = tl.arange(0, BLOCK_D)
+    dmask = dcols < D
+    q = tl.load(
+        q_ptr + b * sqb + head[:, None] * sqh + r * sql + dcols[None, :],
+        mask=gmask[:, None] & dmask[None, :], other=0.0,
+    )
+    k_base = k_ptr + b * skb + hk * skh
+    v_base = v_ptr + b * svb + hk * svh
+    list_base = row * NFS
+
+    m_i = tl.full([BLOCK_M], -_INF, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for t in range(t0, t1):
+        past = t < n_sel
+        cid = tl.load(ids_ptr + list_base + t, mask=past, other=0)
+        lpv = tl.load(lp_ptr + list_base + t, mask=past, other=0.0)
+        chunk = tl.where(past, cid, ci)
+        bias = tl.where(past, (lpv - shift) * prior_scale, 0.0)
+        n_keys = tl.where(past, C, i - ci * C + 1)
+        for jt in tl.static_range(CHUNK_TILES):
+            j = jt * BLOCK_N + tl.arange(0, BLOCK_N)
+            kmask = j < n_keys
+            pos = (chunk * C + j).to(tl.int64)
+            kt = tl.load(k_base + pos[:, None] * skn + dcols[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+            vt = tl.load(v_base + pos[:, None] * svn + dcols[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+            sc = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale + bias
+            sc = tl.where(kmask[None, :], sc, -_INF)
+            m_new = tl.maximum(m_i, tl.max(sc, 1))
+            m_safe = tl.where(m_new == -_INF, 0.0, m_new)  # a tile past the diagonal's last key
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+            m_i = m_new
+
+    if SINGLE:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            o_ptr + b * sob + head[:, None] * soh + r * sol + dcols[None, :],
+            out.to(o_ptr.dtype.element_ty), mask=gmask[:, None] & dmask[None, :],
+        )
+    else:
+        part = ((b * (Hkv * G) + head) * L + r) * S + s  # [B, Hq, L, S]
+        tl.store(m_ptr + part, m_i, mask=gmask)
+        tl.store(l_ptr + part, l_i, mask=gmask)
+        tl.store(o_ptr + part[:, None] * D + dcols[None, :], acc, mask=gmask[:, None] & dmask[None, :])
+
+
+@triton.jit(do_not_specialize=["Hq", "L", "D", "S"])
+def _combine_kernel(
+    m_ptr, l_ptr, acc_ptr, out_ptr,
+    Hq, L, D, S, sob, soh, sol,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * L + r
+    r = row % L
+    h = (row // L) % Hq
+    b = row // (L * Hq)
+    dcols = tl.arange(0, BLOCK_D)
+    dmask = dcols < D
+    mx = tl.full([BLOCK_S], -_INF, tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        mx = tl.maximum(mx, tl.load(m_ptr + row * S + ss, mask=ss < S, other=-_INF))
+    big = tl.max(mx, 0)  # finite: the diagonal item holds key i itself
+    num = tl.zeros([BLOCK_D], tl.float32)
+    den = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        ss = s0 + tl.arange(0, BLOCK_S)
+        smask = ss < S
+        ms = tl.load(m_ptr + row * S + ss, mask=smask, other=-_INF)
+        ls = tl.load(l_ptr + row * S + ss, mask=smask, other=0.0)
+        acc = tl.load(acc_ptr + (row * S + ss)[:, None] * D + dcols[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+        wgt = tl.exp2(ms - big)
+        den += wgt * ls
+        num += tl.sum(wgt[:, None] * acc, 0)
+    out = num / tl.sum(den, 0)
+    tl.store(out_ptr + b * sob + h * soh + r * sol + dcols, out.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+# ----------------------------------------------------------------------------------------------
+# host wrappers (no validation here: see flexsparse.patterns.dash_cache)
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _pow2(x: int) -> int:
+    return triton.next_power_of_2(max(1, x))
+
+
+def _opt(blocks: dict | None, name: str, default: int) -> int:
+    return default if not blocks or name not in blocks else int(blocks[name])
+
+
+def default_num_splits(batch: int, kv_heads: int, q_len: int, max_items: int, device: torch.device, min_per: int) -> int:
+    """Splits per row: enough ``(split, row)`` programs to fill the GPU twice (132 SMs on an H100),
+    at most ``ceil(max_items / min_per)`` (``max_items``: an upper bound of the items of a row, the
+    cached chunk capacity + 1, so the launch does not depend on the current length) and 128."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    rows = max(1, batch * kv_heads * q_len)
+    return max(1, min(triton.cdiv(target, rows), triton.cdiv(max(1, max_items), max(1, min_per)), 128))
+
+
+def decode_scores(
+    q: torch.Tensor, kbar: torch.Tensor, length: torch.Tensor, chunk_size: int, zscale: float,
+    *, out: torch.Tensor | None = None, blocks: dict | None = None,
+) -> torch.Tensor:
+    """Router scores ``x = zscale / 2 * q . kbar`` of the ``L`` rows, float32 ``[B, Hq, L, NFS]``.
+
+    ``q [B, Hq, L, D]``, ``kbar [B, Hkv, NFS, D]`` (one dtype, last dim contiguous), ``length``
+    int32 ``[1]`` on the device (the cache length ``N``). Columns ``c >= N // C`` are not written.
+    """
+    B, Hq, L, D = q.shape
+    Hkv, NFS = kbar.shape[1], kbar.shape[2]
+    G = Hq // Hkv
+    if out is None:
+        out = torch.empty(B, Hq, L, NFS, dtype=torch.float32, device=q.device)
+    if NFS == 0 or q.numel() == 0:
+        return out
+    gpu = q.device.type == "cuda"
+    block_n = _opt(blocks, "SCORE_N", 64 if gpu else 16)
+    block_m = _opt(blocks, "SCORE_M", min(64, max(16, _pow2(G * L))))
+    grid = (triton.cdiv(NFS, block_n), triton.cdiv(G * L, block_m), B * Hkv)
+    _scores_kernel[grid](
+        q, kbar, length, out, Hkv, G, L, D, NFS, float(zscale) / 2.0,
+        q.stride(0), q.stride(1), q.stride(2), kbar.stride(0), kbar.stride(1), kbar.stride(2),
+        C=chunk_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D),
+        DOT_PREC=_dot_prec(q.dtype), num_warps=_opt(blocks, "score_warps", 4),
+    )
+    return out
+
+
+def decode_route(
+    x: torch.Tensor, length: torch.Tensor, kv_heads: int, chunk_size: int, *,
+    estimate_diagonal: bool = False, max_iter: int = MAX_ITER, blocks: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entmax threshold, group mean and compact selection from the scores of :func:`decode_scores`.
+
+    Returns ``(ids, log_pbar, count, shift)``: ``ids`` int32 ``[B, Hkv, L, NFS]`` whose first
+    ``count[b, g, r]`` entries are the selected past chunks of the row in increasing order (the
+    rest is not written), ``log_pbar`` float32 (same layout) their ``log pbar``, ``count`` int32
+    ``[B, Hkv, L]``, ``shift`` float32 ``[B, Hkv, L]`` (mean ``log pbar`` over the selection with
+    ``estimate_diagonal``, else 0).
+    """
+    B, Hq, L, NFS = x.shape
+    G = Hq // kv_heads
+    dev = x.device
+    ids = torch.empty(B, kv_heads, L, NFS, dtype=torch.int32, device=dev)
+    lp = torch.empty(B, kv_heads, L, NFS, dtype=torch.float32, device=dev)
+    cnt = torch.empty(B, kv_heads, L, dtype=torch.int32, device=dev)
+    shift = torch.empty(B, kv_heads, L, dtype=torch.float32, device=dev)
+    if cnt.numel() == 0:
+        return ids, lp, cnt, shift
+    gpu = dev.type == "cuda"
+    block_g = _pow2(G)
+    block_c = _opt(blocks, "ROUTE_C", max(16, min(triton.next_power_of_2(max(NFS, 1)), 4096 // block_g)) if gpu else 8)
+    _route_kernel[(L, B * kv_heads)](
+        x, length, ids, lp, cnt, shift, kv_heads, G, L, NFS, 1.0 / G,
+        C=chunk_size, ESTIMATE=bool(estimate_diagonal), MAX_ITER=max_iter, BLOCK_G=block_g, BLOCK_C=block_c,
+        num_warps=_opt(blocks, "route_warps", 4),
+    )
+    return ids, lp, cnt, shift
+
+
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: torch.Tensor,
+    ids: torch.Tensor, log_pbar: torch.Tensor, count: torch.Tensor, shift: torch.Tensor,
+    chunk_size: int, *, scale: float, sigma: float = 1.0, num_splits: int = 1, min_per: int = 1,
+    out: torch.Tensor | None = None, blocks: dict | None = None,
+) -> torch.Tensor:
+    """Split-KV stage 2 over the selected chunks (prior ``(log pbar - shift) / sigma``) and the
+    diagonal chunk (prior 0, keys ``<= i``), then the combine.
+
+    ``q [B, Hq, L, D]``; ``k, v [B, Hkv, cap, D]`` (last dim contiguous); the selection from
+    :func:`decode_route`. Returns ``out [B, Hq, L, D]`` in ``q.dtype`` (written in place when
+    ``out`` is given; any strides with a contiguous last dim).
+    """
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    NFS = ids.shape[-1]
+    if out is None:
+        out = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
+    if q.numel() == 0:
+        return out
+    gpu = q.device.type == "cuda"
+    C = chunk_size
+    block_n = _opt(blocks, "BLOCK_N", max(16, min(64, _pow2(C))))
+    block_m = max(16, _pow2(G))
+    S = max(1, int(num_splits))
+    single = S == 1
+    if single:
+        m_part = l_part = out  # unused
+        o_buf = out
+    else:
+        m_part = torch.empty(B, Hq, L, S, dtype=torch.float32, device=q.device)
+        l_part = torch.empty_like(m_part)
+        o_buf = torch.empty(B, Hq, L, S, D, dtype=torch.float32, device=q.device)
+    so = out.stride() if single else (0, 0, 0, 0)
+    warps = _opt(blocks, "num_warps", 4 if _block_d(D) <= 64 else 8) if gpu else 4
+    _split_kernel[(S, B * Hkv * L)](
+        q, k, v, length, ids, log_pbar, count, shift, o_buf, m_part, l_part,
+        Hkv, G, L, D, NFS, S, int(min_per), float(scale) * _LOG2E, _LOG2E / float(sigma),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), so[0], so[1], so[2],
+        C=C, CHUNK_TILES=triton.cdiv(C, block_n), SINGLE=single,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(D), DOT_PREC=_dot_prec(q.dtype),
+        num_warps=warps, num_stages=_opt(blocks, "num_stages", 2) if gpu else 1,
+    )
+    if not single:
+        _combine_kernel[(B * Hq * L,)](
+            m_part, l_part, o_buf, out, Hq, L, D, S, out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_S=min(16, _pow2(S)), BLOCK_D=_block_d(D), num_warps=_opt(blocks, "combine_warps", 4),
+        )
+    return out
