@@ -412,7 +412,52 @@ def _setup_drop(ctx: DemoContext) -> PatternRun:
     return run
 
 
-#: The demo's patterns, in display order. DashAttention patterns join this list.
+def _setup_dash(ctx: DemoContext) -> PatternRun:
+    from flexsparse import reference
+    from flexsparse.patterns.dash import dash_block_mask
+
+    B, H, N, D = ctx.q.shape
+    C = ctx.block_size  # one chunk per KV block; square block picture
+    gamma = 8.0
+    q, k, v = ctx.q, ctx.k, ctx.v
+    w = (0.5 * torch.randn(H, D, generator=ctx.generator, device=ctx.device)).to(q.dtype)
+
+    def build():
+        kbar = reference.chunk_summaries(k, w, C)
+        p = flexsparse.entmax_router(q, kbar, chunk_size=C, gamma=gamma)
+        return dash_block_mask(p, N, chunk_size=C, groups=1, q_block=C)
+
+    dm = build()
+
+    def forward():
+        return flexsparse.dash_attention(q, k, v, w, chunk_size=C, gamma=gamma, q_block=C, backend="flex")
+
+    def dense_rows(rows, dt):
+        pbar = reference.dash_router(q.to(dt), k.to(dt), w.to(dt), chunk_size=C, gamma=gamma)
+        lp = reference.dash_log_prior(pbar, N, chunk_size=C)[:, :, rows]  # [B, H, R, nC]
+        bias = lp.index_select(-1, torch.arange(N, device=q.device) // C)  # [B, H, R, N]
+        mask = (rows[:, None] >= torch.arange(N, device=q.device)[None, :]) & (bias > float("-inf"))
+        return mask, torch.where(mask, bias, 0.0)
+
+    def ref(rows):
+        mask, bias = dense_rows(rows, torch.float64)
+        return reference.attention(q[:, :, rows].double(), k.double(), v.double(), mask=mask, bias=bias)
+
+    def base(rows):  # plain PyTorch at the input precision
+        mask, bias = dense_rows(rows, q.dtype)
+        attn = torch.where(mask, bias, float("-inf")).to(q.dtype)
+        return torch.nn.functional.scaled_dot_product_attention(q[:, :, rows], k, v, attn_mask=attn)
+
+    kept, sparsity = dm.sparsity()
+    return PatternRun(
+        block_mask=dm.block_mask, build=build, forward=forward, reference=ref, baseline=base,
+        expected_states=dm.states, kept_fraction=float(kept),
+        note=f"entmax router, gamma={gamma}, chunks of {C}: {float(kept):.0%} of causal chunks kept per query, "
+        f"paper sparsity {float(sparsity):.0%}; the picture shows blocks any query of the block selected",
+    )
+
+
+#: The demo's patterns, in display order.
 PATTERNS: list[PatternEntry] = [
     PatternEntry(
         name="random-blocks",
@@ -428,6 +473,11 @@ PATTERNS: list[PatternEntry] = [
         name="drop",
         summary="query/key drop (SCFA): 80% of queries and keys dropped, the rest compacted",
         setup=_setup_drop,
+    ),
+    PatternEntry(
+        name="dash",
+        summary="DashAttention: 1.5-entmax router over chunk summaries, its probabilities as a prior",
+        setup=_setup_dash,
     ),
 ]
 

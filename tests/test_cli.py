@@ -64,7 +64,7 @@ def test_demo_numbers_odd_length():
     # 300 tokens in blocks of 64: a ragged last block, and every row checked against float64.
     report = run_demo(seq_len=300, heads=2, batch=2, head_dim=32, block_size=64, density=0.3, seed=1)
     assert report["ok"]
-    assert [r["name"] for r in report["patterns"]] == ["random-blocks", "hash", "drop"]
+    assert [r["name"] for r in report["patterns"]] == ["random-blocks", "hash", "drop", "dash"]
     for res in report["patterns"]:
         assert res["ok"], res["name"]
         assert res["states_roundtrip"] is True
