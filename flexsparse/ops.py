@@ -30,6 +30,16 @@ Operators (all outputs freshly allocated, int32 unless said; no input is mutated
   a registered autograd formula (the gradient is the gather by ``back``).
 * ``split_block_lists(workspace, B, H, nQ, nKV)`` (always opaque, no Triton): the eight lists as
   separate tensors; used only while compiling with opaque ops (see below).
+* ``router_tau(q [B,Hq,N,D], kbar [B,Hkv,nF,D], chunk_size, zscale, max_iter)`` -> float32
+  ``tau [B,Hq,N]`` (DashAttention router threshold).
+* ``router_pbar(q, kbar, tau, chunk_size, zscale)`` -> float32 ``pbar [B,Hkv,N,nF]``.
+* ``router_backward(q, kbar, tau, dpbar [B,Hkv,N,nF], chunk_size, zscale)`` -> ``dq`` (like
+  ``q``, contiguous), float32 ``dkbar [B,Hkv,nF,D]``, float32 ``r [B,Hq,N]``. The router's
+  autograd lives in :mod:`flexsparse.patterns.router` (an ``autograd.Function`` over these ops).
+* ``dash_mask_tables(p [B,Hkv,N,nF], chunk_size, q_block, groups, with_counts, with_table,
+  estimate_diagonal, sigma, filler, limit)`` -> int8 ``states [B,Hkv*groups,nQ,nC]``, int32
+  ``counts [B,Hkv,N]``, float32 ``table [B,Hkv,nC,N]``; an output that was not asked for is an
+  empty ``[0]`` tensor (:func:`dash_mask_tables` maps it back to None).
 
 The Python functions below have the launchers' signatures and are what the patterns call.
 Outside ``torch.compile`` they call the launchers directly: going through the dispatcher costs
@@ -56,6 +66,10 @@ __all__ = [
     "scatter_block_lists",
     "compact_block_states",
     "gather_rows",
+    "router_tau",
+    "router_pbar",
+    "router_backward",
+    "dash_mask_tables",
 ]
 
 
@@ -404,3 +418,141 @@ class _EagerGather(torch.autograd.Function):
     def backward(ctx, grad):
         idx, back = ctx.saved_tensors
         return gather_rows(grad, back, idx), None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# DashAttention router (1.5-entmax over past chunks)
+
+
+def _router_tau_fake(q, kbar, chunk_size, zscale, max_iter):
+    B, Hq, N, _ = q.shape
+    return q.new_empty((B, Hq, N), dtype=torch.float32)
+
+
+@_register("router_tau", "router", _router_tau_fake)
+def _router_tau_op(q: Tensor, kbar: Tensor, chunk_size: int, zscale: float, max_iter: int) -> Tensor:
+    return _launcher(_kernels("router").router_tau)(q, kbar, chunk_size, zscale, max_iter=max_iter)
+
+
+def router_tau(q: Tensor, kbar: Tensor, chunk_size: int, zscale: float, *, max_iter: int = 40) -> Tensor:
+    """Registered :func:`flexsparse.kernels.router.router_tau`: float32 ``tau [B, Hq, N]`` for
+    ``q [B, Hq, N, D]`` and chunk summaries ``kbar [B, Hkv, N // C, D]`` (one dtype), ``zscale =
+    gamma * scale``; ``+inf`` on rows without a past chunk. No gradient."""
+    if _eager(q, kbar):
+        return _kernels("router").router_tau(q, kbar, chunk_size, zscale, max_iter=max_iter)
+    return torch.ops.flexsparse.router_tau(q.detach(), kbar.detach(), chunk_size, zscale, max_iter)
+
+
+def _router_pbar_fake(q, kbar, tau, chunk_size, zscale):
+    B, N = q.shape[0], q.shape[2]
+    Hkv, nF = kbar.shape[1], kbar.shape[2]
+    return q.new_empty((B, Hkv, N, nF), dtype=torch.float32)
+
+
+@_register("router_pbar", "router", _router_pbar_fake)
+def _router_pbar_op(q: Tensor, kbar: Tensor, tau: Tensor, chunk_size: int, zscale: float) -> Tensor:
+    return _launcher(_kernels("router").router_pbar)(q, kbar, tau, chunk_size, zscale)
+
+
+def router_pbar(q: Tensor, kbar: Tensor, tau: Tensor, chunk_size: int, zscale: float) -> Tensor:
+    """Registered :func:`flexsparse.kernels.router.router_pbar`: the GQA-mean entmax
+    probabilities, float32 contiguous ``[B, Hkv, N, N // C]`` (0 where ``c >= i // C``), from
+    ``tau`` (float32 ``[B, Hq, N]``). Not differentiable by itself (see
+    :mod:`flexsparse.patterns.router`)."""
+    if _eager(q, kbar, tau):
+        return _kernels("router").router_pbar(q, kbar, tau, chunk_size, zscale)
+    return torch.ops.flexsparse.router_pbar(q.detach(), kbar.detach(), tau.detach(), chunk_size, zscale)
+
+
+def _router_backward_fake(q, kbar, tau, dpbar, chunk_size, zscale):
+    B, Hq, N, D = q.shape
+    Hkv, nF = kbar.shape[1], kbar.shape[2]
+    f32 = torch.float32
+    return q.new_empty((B, Hq, N, D)), q.new_empty((B, Hkv, nF, D), dtype=f32), q.new_empty((B, Hq, N), dtype=f32)
+
+
+@_register("router_backward", "router", _router_backward_fake)
+def _router_backward_op(
+    q: Tensor, kbar: Tensor, tau: Tensor, dpbar: Tensor, chunk_size: int, zscale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _launcher(_kernels("router").router_backward)(q, kbar, tau, dpbar, chunk_size, zscale)
+
+
+def router_backward(
+    q: Tensor, kbar: Tensor, tau: Tensor, dpbar: Tensor, chunk_size: int, zscale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Registered :func:`flexsparse.kernels.router.router_backward`: ``(dq, dkbar, r)`` =
+    ``dq [B, Hq, N, D]`` contiguous in ``q.dtype``, float32 ``dkbar [B, Hkv, N // C, D]`` and
+    float32 ``r [B, Hq, N]``, for the gradient ``dpbar [B, Hkv, N, N // C]`` of ``router_pbar``."""
+    if _eager(q, kbar, tau, dpbar):
+        return _kernels("router").router_backward(q, kbar, tau, dpbar, chunk_size, zscale)
+    return torch.ops.flexsparse.router_backward(
+        q.detach(), kbar.detach(), tau.detach(), dpbar.detach(), chunk_size, zscale
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# DashAttention block states, row counts and prior table
+
+
+def _dash_mask_fake(p, chunk_size, q_block, groups, with_counts, with_table, estimate_diagonal, sigma, filler, limit):
+    B, Hkv, N, _ = p.shape
+    nC, nQ = -(-N // chunk_size), -(-N // q_block)
+    states = p.new_empty((B, Hkv * groups, nQ, nC), dtype=torch.int8)
+    counts = p.new_empty((B, Hkv, N) if with_counts else (0,), dtype=torch.int32)
+    table = p.new_empty((B, Hkv, nC, N) if with_table else (0,), dtype=torch.float32)
+    return states, counts, table
+
+
+@_register("dash_mask_tables", "dash_mask", _dash_mask_fake)
+def _dash_mask_op(
+    p: Tensor,
+    chunk_size: int,
+    q_block: int,
+    groups: int,
+    with_counts: bool,
+    with_table: bool,
+    estimate_diagonal: bool,
+    sigma: float,
+    filler: float,
+    limit: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = _launcher(_kernels("dash_mask").dash_mask_tables)
+    states, counts, table = fn(
+        p, chunk_size=chunk_size, q_block=q_block, groups=groups, with_counts=with_counts, with_table=with_table,
+        estimate_diagonal=estimate_diagonal, sigma=sigma, filler=filler, limit=limit,
+    )
+    if counts is None:
+        counts = p.new_empty((0,), dtype=torch.int32)
+    if table is None:
+        table = p.new_empty((0,), dtype=torch.float32)
+    return states, counts, table
+
+
+def dash_mask_tables(
+    p: Tensor,
+    *,
+    chunk_size: int,
+    q_block: int,
+    groups: int,
+    with_counts: bool = False,
+    with_table: bool = True,
+    estimate_diagonal: bool = False,
+    sigma: float = 1.0,
+    filler: float = -1.0e30,
+    limit: float = 1.0e25,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Registered :func:`flexsparse.kernels.dash_mask.dash_mask_tables`: ``(states, counts,
+    table)`` = int8 ``[B, Hkv * groups, ceil(N / q_block), ceil(N / C)]``, int32 ``[B, Hkv, N]``
+    (None without ``with_counts``) and the float32 chunk-major prior table ``[B, Hkv, ceil(N / C),
+    N]`` (None without ``with_table``) of a selection ``p [B, Hkv, N, N // C]``. Not
+    differentiable (see ``flexsparse.patterns.dash``)."""
+    if _eager(p):
+        return _kernels("dash_mask").dash_mask_tables(
+            p, chunk_size=chunk_size, q_block=q_block, groups=groups, with_counts=with_counts, with_table=with_table,
+            estimate_diagonal=estimate_diagonal, sigma=sigma, filler=filler, limit=limit,
+        )
+    states, counts, table = torch.ops.flexsparse.dash_mask_tables(
+        p.detach(), chunk_size, q_block, groups, with_counts, with_table, estimate_diagonal, sigma, filler, limit
+    )
+    return states, (counts if with_counts else None), (table if with_table else None)

@@ -91,23 +91,32 @@ def _check_device(ref: Tensor, ref_name: str, **others: Tensor | None) -> None:
             )
 
 
-def _check_float(name: str, t, expected: str) -> None:
+def _check_float(name: str, t, expected) -> None:
+    """``expected``: the expected shape as a string, or a callable building it (called only on
+    failure: formatting sizes is host work that breaks graphs with symbolic sizes)."""
     if not isinstance(t, Tensor) or not t.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a floating-point tensor of shape {expected}, got {_shape(t)}")
+        exp = expected() if callable(expected) else expected
+        raise ValueError(f"{name} must be a floating-point tensor of shape {exp}, got {_shape(t)}")
 
 
 def _check_qkv(q, k, v, *, self_attention: bool) -> tuple[int, int, int, int, int, int]:
-    """Validate ``q [B,Hq,N,D]``, ``k, v [B,Hkv,M,D]``; return ``(B, Hq, Hkv, N, M, D)``."""
+    """Validate ``q [B,Hq,N,D]``, ``k, v [B,Hkv,M,D]``; return ``(B, Hq, Hkv, N, M, D)``.
+
+    Error messages are built only on failure (no string work on the success path, which runs
+    inside ``torch.compile`` graphs)."""
     _check_float("q", q, "[B, Hq, N, D]")
     if q.dim() != 4:
         raise ValueError(f"q must be a 4-D tensor of shape [B, Hq, N, D], got {_shape(q)}")
     B, Hq, N, D = q.shape
     kv_len = "N" if self_attention else "M"
-    exp_k = _fmt(f"B, Hkv, {kv_len}, D", [B, "?", N if self_attention else "?", D])
+
+    def exp_k():
+        return _fmt(f"B, Hkv, {kv_len}, D", [B, "?", N if self_attention else "?", D])
+
     _check_float("k", k, exp_k)
     if k.dim() != 4 or k.shape[0] != B or k.shape[3] != D or (self_attention and k.shape[2] != N):
         raise ValueError(
-            f"k must be a tensor of shape {exp_k} (q is [B, Hq, N, D] = {list(q.shape)}), "
+            f"k must be a tensor of shape {exp_k()} (q is [B, Hq, N, D] = {list(q.shape)}), "
             f"got {_shape(k)}"
         )
     Hkv, M = k.shape[1], k.shape[2]
@@ -117,7 +126,7 @@ def _check_qkv(q, k, v, *, self_attention: bool) -> tuple[int, int, int, int, in
             f"Hkv = {Hkv} (q is [B, Hq, N, D] = {list(q.shape)}, k is [B, Hkv, {kv_len}, D] = "
             f"{list(k.shape)})"
         )
-    _check_float("v", v, _fmt(f"B, Hkv, {kv_len}, D", list(k.shape)))
+    _check_float("v", v, lambda: _fmt(f"B, Hkv, {kv_len}, D", list(k.shape)))
     if tuple(v.shape) != tuple(k.shape):
         raise ValueError(
             f"v must have the shape of k, [B, Hkv, {kv_len}, D] = {list(k.shape)}, got {_shape(v)}"
@@ -438,10 +447,12 @@ def entmax15(z: Tensor, mask: Tensor | None = None, dim: int = -1) -> Tensor:
 
 
 def _check_w(w, Hkv: int, D: int, ref: Tensor) -> None:
-    exp_w = _fmt("Hkv, D", [Hkv, D])
+    def exp_w():
+        return _fmt("Hkv, D", [Hkv, D])
+
     _check_float("w", w, exp_w)
     if tuple(w.shape) != (Hkv, D):
-        raise ValueError(f"w must be a floating-point tensor of shape {exp_w}, got {_shape(w)}")
+        raise ValueError(f"w must be a floating-point tensor of shape {exp_w()}, got {_shape(w)}")
     _check_device(ref, "k", w=w)
 
 

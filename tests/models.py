@@ -12,16 +12,42 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flexsparse import HashSparseAttention, QKSparseAttention
+from flexsparse import DashAttention, HashSparseAttention, QKSparseAttention
+
+
+def dash_layer(
+    dim: int, heads: int, kv_heads: int, *, chunk_size: int, q_block: int, router: str = "entmax",
+    gamma: float = 64.0, top_k: int | None = None, track_sparsity: bool = True,
+) -> DashAttention:
+    """A :class:`flexsparse.DashAttention` layer with a random (not mean-pooling) summary vector
+    and a large router gamma, so that in a freshly initialised model the entmax router drops
+    chunks (kept fraction below 1 from about 4 chunks on) and the mask is not trivially dense.
+    ``track_sparsity``: the layer keeps ``last_stats`` (a module attribute set in ``forward``)."""
+    layer = DashAttention(
+        dim, heads, kv_heads=kv_heads, chunk_size=chunk_size, q_block=q_block, gamma=gamma, router=router,
+        top_k=top_k, track_sparsity=track_sparsity,
+    )
+    with torch.no_grad():
+        layer.summary.normal_()
+    return layer
+
 
 # kind -> constructor(dim, heads, kv_heads, block_size) of a causal self-attention layer
-# ``x [B, N, dim] -> [B, N, dim]`` whose forward takes optional keyword inputs
+# ``x [B, N, dim] -> [B, N, dim]`` whose forward takes optional keyword inputs. The dash layers
+# use chunks of min(block_size, 64) (16 with the CPU tests' block size, 64 on the GPU) and
+# query blocks of block_size.
 LAYERS: dict[str, Callable[..., nn.Module]] = {
     "hash": lambda dim, heads, kv_heads, block_size: HashSparseAttention(
         dim, heads, kv_heads=kv_heads, n_buckets=4, block_size=block_size
     ),
     "qk": lambda dim, heads, kv_heads, block_size: QKSparseAttention(
         dim, heads, kv_heads=kv_heads, drop_rate=0.5, rotary=True, block_size=block_size
+    ),
+    "dash": lambda dim, heads, kv_heads, block_size: dash_layer(
+        dim, heads, kv_heads, chunk_size=min(block_size, 64), q_block=block_size
+    ),
+    "dash_topk": lambda dim, heads, kv_heads, block_size: dash_layer(
+        dim, heads, kv_heads, chunk_size=min(block_size, 64), q_block=block_size, router="topk", top_k=1
     ),
 }
 
@@ -70,7 +96,8 @@ def tiny_model(
 
 def random_attn_inputs(model: TinyTransformer, B: int, N: int, device=None) -> list[dict[str, Tensor]]:
     """Fresh given inputs for every block: random buckets (ids in ``[0, n_buckets)``) for hash
-    layers, keep masks (about half kept) for query/key-drop layers."""
+    layers, keep masks (about half kept) for query/key-drop layers, nothing for the others
+    (DashAttention routes by itself)."""
     out = []
     for block in model.blocks:
         a = block.attn

@@ -45,6 +45,7 @@ from flexsparse.patterns.blockmask import (
     _choose_impl,
     block_mask_from_states,
 )
+from flexsparse.patterns.router import entmax_router
 from flexsparse.reference import (
     _check_chunk_size,
     _check_device,
@@ -88,10 +89,12 @@ def _check_int(name: str, x, minimum: int) -> int:
 
 def _check_selection(p, N: int, C: int, name: str = "pbar") -> None:
     """``p [B, Hkv, N, N // C]`` floating point."""
-    exp = _fmt("B, Hkv, N, N // C", ["?", "?", N, N // C])
+    def exp():  # built on failure only (cheap success path under torch.compile)
+        return _fmt("B, Hkv, N, N // C", ["?", "?", N, N // C])
+
     _check_float(name, p, exp)
     if p.dim() != 4 or p.shape[2] != N or p.shape[3] != N // C:
-        raise ValueError(f"{name} must be a floating-point tensor of shape {exp}, got {_shape(p)}")
+        raise ValueError(f"{name} must be a floating-point tensor of shape {exp()}, got {_shape(p)}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -124,17 +127,9 @@ def entmax_router_torch(q: Tensor, kbar: Tensor, *, chunk_size: int, gamma: floa
 
 
 def _entmax_router(device: torch.device) -> Callable:
-    """The entmax router used by ``router="entmax"``: the Triton kernel on CUDA (once
-    ``flexsparse.patterns.router`` exists), else :func:`entmax_router_torch`."""
-    if device.type == "cuda":
-        try:
-            from flexsparse.patterns.router import entmax_router
-        except ModuleNotFoundError as e:  # the Triton router has not landed yet
-            if e.name != "flexsparse.patterns.router":
-                raise
-        else:
-            return entmax_router
-    return entmax_router_torch
+    """The entmax router used by ``router="entmax"``: the Triton kernels on CUDA
+    (:func:`flexsparse.patterns.router.entmax_router`), else :func:`entmax_router_torch`."""
+    return entmax_router if device.type == "cuda" else entmax_router_torch
 
 
 def topk_selection(q: Tensor, kbar: Tensor, *, chunk_size: int, top_k: int, scale: float | None = None) -> Tensor:
@@ -158,10 +153,13 @@ def topk_selection(q: Tensor, kbar: Tensor, *, chunk_size: int, top_k: int, scal
     if q.dim() != 4:
         raise ValueError(f"q must be a 4-D tensor of shape [B, Hq, N, D], got {_shape(q)}")
     B, Hq, N, D = q.shape
-    exp = _fmt("B, Hkv, N // C, D", [B, "?", N // C, D])
+
+    def exp():
+        return _fmt("B, Hkv, N // C, D", [B, "?", N // C, D])
+
     _check_float("kbar", kbar, exp)
     if kbar.dim() != 4 or kbar.shape[0] != B or kbar.shape[2] != N // C or kbar.shape[3] != D:
-        raise ValueError(f"kbar must be a floating-point tensor of shape {exp}, got {_shape(kbar)}")
+        raise ValueError(f"kbar must be a floating-point tensor of shape {exp()}, got {_shape(kbar)}")
     Hkv, n_full = kbar.shape[1], kbar.shape[2]
     if Hkv < 1 or Hq % Hkv:
         raise ValueError(f"q has Hq = {Hq} heads, which must be a multiple of the Hkv = {Hkv} heads of kbar")
@@ -293,12 +291,13 @@ def _table_backward(p: Tensor, d_table: Tensor, C: int, estimate_diagonal: bool,
 
 
 class _FusedMaskTables(torch.autograd.Function):
-    """``p -> (table, states, counts)`` by :func:`flexsparse.kernels.dash_mask.dash_mask_tables`;
-    only the table is differentiable."""
+    """``p -> (table, states, counts)`` by :func:`flexsparse.kernels.dash_mask.dash_mask_tables`
+    (through its registered op, :func:`flexsparse.ops.dash_mask_tables`, so it traces under
+    ``torch.compile``); only the table is differentiable."""
 
     @staticmethod
     def forward(ctx, p, C, q_block, groups, with_counts, estimate_diagonal, sigma):
-        from flexsparse.kernels.dash_mask import dash_mask_tables
+        from flexsparse.ops import dash_mask_tables
 
         states, counts, table = dash_mask_tables(
             p, chunk_size=C, q_block=q_block, groups=groups, with_counts=with_counts,

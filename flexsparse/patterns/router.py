@@ -50,7 +50,6 @@ def _check_router_inputs(q, kbar, chunk_size) -> tuple[int, int, int, int, int, 
         raise ValueError(f"q must be a 4-D floating-point tensor of shape [B, Hq, N, D], got {_shape(q)}")
     B, Hq, N, D = q.shape
     nF = N // C
-    exp_kbar = _fmt("B, Hkv, N // C, D", [B, "?", nF, D])
     if (
         not isinstance(kbar, Tensor)
         or not kbar.dtype.is_floating_point
@@ -60,7 +59,7 @@ def _check_router_inputs(q, kbar, chunk_size) -> tuple[int, int, int, int, int, 
         or kbar.shape[3] != D
     ):
         raise ValueError(
-            f"kbar must be a floating-point tensor of shape {exp_kbar} (q is [B, Hq, N, D] = "
+            f"kbar must be a floating-point tensor of shape {_fmt('B, Hkv, N // C, D', [B, '?', nF, D])} (q is [B, Hq, N, D] = "
             f"{list(q.shape)}, chunk_size C = {C}), got {_shape(kbar)}"
         )
     Hkv = kbar.shape[1]
@@ -190,14 +189,18 @@ def _tau_twin(q: Tensor, kbar: Tensor, C: int, zscale: float, max_iter: int = _M
 
 
 class _TritonRouter(torch.autograd.Function):
-    """``(q, kbar) -> (pbar, tau)`` with the Triton kernels; ``tau`` carries no gradient."""
+    """``(q, kbar) -> (pbar, tau)`` with the Triton kernels; ``tau`` carries no gradient.
+
+    The kernels are reached through the registered ops of :mod:`flexsparse.ops` (direct launches
+    in eager mode, ``torch.ops.flexsparse.router_*`` under ``torch.compile``, where Dynamo traces
+    this Function's forward and backward into the graph)."""
 
     @staticmethod
     def forward(ctx, q: Tensor, kbar: Tensor, chunk_size: int, zscale: float):
-        from flexsparse.kernels import router as K
+        from flexsparse import ops
 
-        tau = K.router_tau(q, kbar, chunk_size, zscale, max_iter=_MAX_ITER)
-        pbar = K.router_pbar(q, kbar, tau, chunk_size, zscale)
+        tau = ops.router_tau(q, kbar, chunk_size, zscale, max_iter=_MAX_ITER)
+        pbar = ops.router_pbar(q, kbar, tau, chunk_size, zscale)
         ctx.save_for_backward(q, kbar, tau)
         ctx.chunk_size = chunk_size
         ctx.zscale = zscale
@@ -206,12 +209,12 @@ class _TritonRouter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dpbar: Tensor | None, dtau: Tensor | None):
-        from flexsparse.kernels import router as K
+        from flexsparse import ops
 
         q, kbar, tau = ctx.saved_tensors
         if dpbar is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
             return None, None, None, None
-        dq, dkbar, _ = K.router_backward(q, kbar, tau, dpbar, ctx.chunk_size, ctx.zscale)
+        dq, dkbar, _ = ops.router_backward(q, kbar, tau, dpbar, ctx.chunk_size, ctx.zscale)
         dq = dq if ctx.needs_input_grad[0] else None
         dkbar = dkbar.to(kbar.dtype) if ctx.needs_input_grad[1] else None
         return dq, dkbar, None, None
@@ -283,7 +286,7 @@ def router_tau(
     chosen, C, zscale = _resolve(q, kbar, chunk_size, gamma, scale, impl)
     with torch.no_grad():
         if chosen == "triton":
-            from flexsparse.kernels import router as K
+            from flexsparse import ops
 
-            return K.router_tau(q.detach(), kbar.detach(), C, zscale, max_iter=_MAX_ITER)
+            return ops.router_tau(q.detach(), kbar.detach(), C, zscale, max_iter=_MAX_ITER)
         return _tau_twin(q.detach(), kbar.detach(), C, zscale)
