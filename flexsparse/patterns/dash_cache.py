@@ -145,8 +145,8 @@ class DashKVCache:
         if w.device != self.device:
             raise ValueError(f"{where}: w must be on the cache's device ({self.device}), got {w.device}")
         if self._w_key is not None:
-            ptr, version = self._w_key
-            if w.data_ptr() == ptr and version is not None and self._version(w) != version:
+            ref, version = self._w_key  # ref is kept alive, so its memory cannot be reused
+            if w.data_ptr() == ref.data_ptr() and version is not None and self._version(w) != version:
                 raise ValueError(
                     f"{where}: w was modified in place since the cache's summaries were computed; "
                     "a cache is tied to its w: reset() it and append the sequence again"
@@ -212,7 +212,7 @@ class DashKVCache:
         self.seq_len.add_(L)
         self.length += L
         if self._w_key is None:
-            self._w_key = (w.data_ptr(), self._version(w))
+            self._w_key = (w, self._version(w))
 
 
 # ----------------------------------------------------------------------------------------------
