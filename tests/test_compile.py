@@ -1,11 +1,13 @@
 """torch.compile: registered Triton ops (fake impls, both registration paths) and whole models of
 flexsparse layers under ``torch.compile(fullgraph=True)``.
 
-CPU (Triton interpreter): the ops are opaque ``custom_op``s; a tiny 2-layer transformer compiles
-without graph breaks and matches eager (one compiled signature, ~50 s here). The ``triton_op``
-path (CUDA builds) is traced on the CPU in a subprocess without the interpreter: every op must
-decompose into Triton kernel calls. GPU: the same model in bf16 trains 4 steps compiled, one frame
-compile for all steps, losses and gradients as eager.
+CPU (Triton interpreter): the ops are opaque ``custom_op``s; tiny transformers compile without
+graph breaks and match eager (SCFA layers; DashAttention entmax and top-k layers: one compiled
+signature each, ~50-100 s here); the Triton router and mask-table kernels trace with their
+autograd under AOTAutograd. The ``triton_op`` path (CUDA builds) is traced on the CPU in a
+subprocess without the interpreter: every op must decompose into Triton kernel calls. GPU: the
+same models in bf16 train 4 steps compiled, one frame compile for all steps, losses and
+gradients as eager.
 """
 
 import os
@@ -57,6 +59,31 @@ def _op_samples(device):
         "compact_block_states": [(states,)],
         "split_block_lists": [(torch.ops.flexsparse.compact_block_states(states), 2, 2, 5, 3)],
         "gather_rows": [(x, g_idx, g_back)],
+        **_dash_samples(device),
+    }
+
+
+def _dash_samples(device):
+    """Arguments of the DashAttention ops: odd lengths, a trailing partial chunk, GQA."""
+    B, Hq, Hkv, N, D, C = 2, 4, 2, 37, 16, 8
+    q = torch.randn(B, Hq, N, D, device=device)
+    kbar = torch.randn(B, Hkv, N // C, D, device=device)
+    zs = 0.4
+    tau = ops.router_tau(q, kbar, C, zs)
+    pbar = ops.router_pbar(q, kbar, tau, C, zs)
+    dpbar = torch.randn_like(pbar)
+    sel = (torch.rand_like(pbar) < 0.5).float()
+    mask = lambda p, cnt, tab, est, sigma: (p, C, 16, 2, cnt, tab, est, sigma, -1.0e30, 1.0e25)  # noqa: E731
+    return {
+        "router_tau": [(q, kbar, C, zs, 40), (q.half(), kbar.half(), C, zs, 3)],
+        "router_pbar": [(q, kbar, tau, C, zs)],
+        "router_backward": [(q, kbar, tau, dpbar, C, zs)],
+        "dash_mask_tables": [
+            mask(pbar, True, True, False, 1.0),
+            mask(pbar, False, True, True, 0.5),
+            mask(sel, True, False, False, 1.0),
+            mask(sel, False, False, False, 1.0),
+        ],
     }
 
 
@@ -70,6 +97,10 @@ def _op_samples(device):
         "compact_block_states",
         "split_block_lists",
         "gather_rows",
+        "router_tau",
+        "router_pbar",
+        "router_backward",
+        "dash_mask_tables",
     ],
 )
 def test_opcheck(name, device):
@@ -137,16 +168,73 @@ def test_wrappers_use_the_ops_under_any_tracer(device):
         assert torch.equal(g, w)
 
 
+def test_dash_ops_match_launchers_and_trace(device):
+    """The DashAttention ops return what the launchers return (bitwise), with ``[0]``-shaped
+    tensors for the mask outputs that were not asked for; the wrappers launch directly in eager
+    mode, go through the ops under a tracer (make_fx with fake tensors) and map the empty
+    outputs back to None."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from flexsparse.kernels import router as K
+    from flexsparse.kernels.dash_mask import dash_mask_tables
+
+    B, Hq, Hkv, N, D, C = 1, 4, 2, 45, 16, 8
+    q = torch.randn(B, Hq, N, D, device=device)
+    kbar = torch.randn(B, Hkv, N // C, D, device=device)
+    tau = torch.ops.flexsparse.router_tau(q, kbar, C, 0.5, 40)
+    assert torch.equal(tau, K.router_tau(q, kbar, C, 0.5))
+    pbar = torch.ops.flexsparse.router_pbar(q, kbar, tau, C, 0.5)
+    assert torch.equal(pbar, K.router_pbar(q, kbar, tau, C, 0.5))
+    assert (pbar == 0).any() and (pbar > 0).any()
+    dpbar = torch.randn_like(pbar)
+    for g, w in zip(torch.ops.flexsparse.router_backward(q, kbar, tau, dpbar, C, 0.5), K.router_backward(q, kbar, tau, dpbar, C, 0.5)):
+        assert torch.equal(g, w)
+    for counts, table in [(False, False), (True, False), (False, True), (True, True)]:
+        got = torch.ops.flexsparse.dash_mask_tables(pbar, C, 16, 2, counts, table, False, 1.0, -1.0e30, 1.0e25)
+        want = dash_mask_tables(pbar, chunk_size=C, q_block=16, groups=2, with_counts=counts, with_table=table)
+        for g, w in zip(got, want):
+            assert g.shape == (0,) if w is None else torch.equal(g, w)
+
+    def f(q, kbar):
+        tau = ops.router_tau(q, kbar, C, 0.5)
+        pbar = ops.router_pbar(q, kbar, tau, C, 0.5)
+        dq, dkbar, _ = ops.router_backward(q, kbar, tau, pbar, C, 0.5)
+        states, counts, table = ops.dash_mask_tables(pbar, chunk_size=C, q_block=16, groups=2)
+        return dq, dkbar, states, counts, table
+
+    gm = make_fx(f, tracing_mode="fake")(q, kbar)
+    for name in ("router_tau", "router_pbar", "router_backward", "dash_mask_tables"):
+        assert f"flexsparse.{name}" in gm.code, name
+    got, want = gm(q, kbar), f(q, kbar)
+    assert got[3] is None and want[3] is None
+    for g, w in zip(got[:3] + got[4:], want[:3] + want[4:]):
+        assert torch.equal(g, w)
+
+
 # ---------------------------------------------------------------------------------------------
 # the CUDA registration path, traced on the CPU
 
 
 _TRACE_SCRIPT = r"""
+import re
 import torch
+import triton
+from triton.backends.compiler import GPUTarget
 from torch._functorch.aot_autograd import aot_function
 from torch._functorch.partitioners import default_partition
 from flexsparse import ops
 from flexsparse.kernels.layout import _count_kernel
+from flexsparse.patterns.router import _TritonRouter
+
+
+class _Sm90:
+    # No GPU here: a target for Triton's TTIR, so that the kernels' mutation analysis runs as on
+    # the H100 (without it every kernel argument counts as written)
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+triton.runtime.driver.set_active(_Sm90())
 
 assert not ops.OPAQUE
 assert _count_kernel in torch._library.triton.get_triton_kernels_for_op("flexsparse::sorted_layout")
@@ -188,19 +276,36 @@ codes = {
     "compact": trace(lambda s: ops.compact_block_states(s)[0], states),
     "gather": trace(lambda x, i, b: ops.gather_rows(x, i, b).square(), x, perm, back),  # forward and backward
 }
+# DashAttention: router forward (tau, pbar) and backward (dq, dkbar); mask tables
+q = torch.randn(2, 4, 37, 16, requires_grad=True)
+kbar = torch.randn(2, 2, 4, 16, requires_grad=True)
+p = torch.rand(2, 2, 37, 4)
+codes["router"] = trace(lambda q, kb: _TritonRouter.apply(q, kb, 8, 0.3)[0].square(), q, kbar)
+codes["dash_mask"] = trace(lambda p: ops.dash_mask_tables(p, chunk_size=8, q_block=16, groups=2)[::2], p)
+codes["dash_mask_all"] = trace(
+    lambda p: ops.dash_mask_tables(p, chunk_size=8, q_block=16, groups=2, with_counts=True, estimate_diagonal=True), p
+)
+need = {"layout": 2, "layout_nb": 2, "stats": 2, "lists": 2, "gather": 2, "router": 4}
 for name, code in codes.items():
     assert "flexsparse" not in code, (name, code)
     n = code.count("triton_kernel_wrapper_functional(")
     print(name, n)
-    assert n >= (2 if name in ("layout", "layout_nb", "stats", "lists", "gather") else 1), (name, code)
+    assert n >= need.get(name, 1), (name, code)
+# the mask kernel's unused outputs alias `states` (dummy pointers): only real outputs are written
+assert "tensors_to_clone = ['states_ptr', 'table_ptr']" in codes["dash_mask"], codes["dash_mask"]
+# the router's inputs are read only (the backward writes dq, r and dkbar, nothing saved)
+written = set(", ".join(re.findall(r"tensors_to_clone = \[([^\]]*)\]", codes["router"])).split(", "))
+assert written == {"'tau_ptr'", "'out_ptr'", "'r_ptr'", "'dq_ptr'", "'ws_ptr'"}, written
 print("OK")
 """
 
 
 def test_triton_op_path_decomposes_into_kernels():
     """Without the interpreter the ops are triton_ops: AOTAutograd (what Inductor compiles) sees
-    the Triton kernel launches of every op, forward and the gather's backward, and no opaque op
-    call; the AOTAutograd cache knows the kernels of each op."""
+    the Triton kernel launches of every op, forward and the backwards of the gather and the
+    DashAttention router, and no opaque op call; the kernels' mutation analysis (run against an
+    sm_90 target) marks only their outputs as written, the mask kernel's dummy pointers included;
+    the AOTAutograd cache knows the kernels of each op."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run(
@@ -269,6 +374,88 @@ def test_every_layer_mode_traces_without_graph_breaks(device, fresh_dynamo):
         got = compiled(tokens, inputs)
     assert counter.frame_count == 1
     assert_close_to_ref("logits", got, want, floor=1e-5 if device == "cpu" else 1e-3)
+
+
+def _dash_stats(model):
+    return [{k: v.clone() for k, v in b.attn.last_stats.items()} for b in model.blocks]
+
+
+@pytest.mark.skipif(SKIP_COMPILE, reason="compile disabled")
+def test_compiled_dash_model_forward_matches_eager(device, fresh_dynamo):
+    """Embedding + [DashAttention (entmax router), DashAttention (top-1 router)] + head, compiled
+    with fullgraph=True (one Inductor compile, ~100 s here): equal to eager under no_grad for two
+    inputs, the layers' sparsity statistics (a module attribute set in forward, from the mask
+    kernel's row counts) too; the selections really drop chunks."""
+    B, N, bs, dim = _shape(device)
+    model = tiny_model(["dash", "dash_topk"], dim=dim, block_size=bs).to(device).eval()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for _ in range(2):
+        tokens = torch.randint(0, 61, (B, N), device=device)
+        with torch.no_grad():
+            want = model(tokens)
+            want_stats = _dash_stats(model)
+            got = compiled(tokens)
+            got_stats = _dash_stats(model)
+        assert got.shape == (B, N, 61)
+        assert_close_to_ref("logits", got, want, floor=1e-4 if device == "cpu" else 1e-3)
+        assert counter.frame_count == 1
+        for g, w in zip(got_stats, want_stats):
+            for name in ("kept_fraction", "sparsity"):
+                torch.testing.assert_close(g[name], w[name], rtol=1e-5, atol=1e-6)
+            assert w["kept_fraction"] < 0.99, w  # not a dense mask
+
+
+class _GraphRecorder:
+    """A Dynamo backend: counts frames, keeps each Dynamo graph's code, runs AOTAutograd
+    (functionalisation, fake tensors, the joint forward-backward graph) with eager kernels."""
+
+    def __init__(self):
+        self.frame_count, self.codes = 0, []
+
+    def __call__(self, gm, inputs):
+        from torch._dynamo.backends.debugging import aot_eager
+
+        self.frame_count += 1
+        self.codes.append(gm.print_readable(print_output=False))
+        return aot_eager(gm, inputs)
+
+
+@pytest.mark.triton
+def test_dash_router_and_mask_compile_with_autograd(device, fresh_dynamo):
+    """The Triton router (autograd.Function over the router ops) and the fused mask tables
+    (autograd.Function over the mask op) under torch.compile(fullgraph=True) with AOTAutograd:
+    one graph calling the registered ops; outputs, BlockMask lists and the gradients of q and
+    kbar through pbar and the prior table equal eager."""
+    from flexsparse.patterns.dash import dash_block_mask
+    from flexsparse.patterns.router import entmax_router
+
+    B, Hq, Hkv, N, D, C, qb = 1, 4, 2, 77, 16, 8, 16
+    q = torch.randn(B, Hq, N, D, device=device, requires_grad=True)
+    kbar = torch.randn(B, Hkv, N // C, D, device=device, requires_grad=True)
+    w_p = torch.randn(B, Hkv, N, N // C, device=device)
+    w_t = torch.randn(B, Hkv, -(-N // C), N, device=device)
+
+    def f(q, kbar):
+        pbar = entmax_router(q, kbar, chunk_size=C, gamma=3.0, impl="triton")
+        dm = dash_block_mask(pbar, N, chunk_size=C, groups=Hq // Hkv, q_block=qb, with_counts=True, impl="triton")
+        loss = (pbar * w_p).sum() + (dm.table.clamp(min=-30.0) * w_t).sum()
+        bm = dm.block_mask
+        return loss, dm.states, dm.counts, bm.kv_num_blocks, bm.kv_indices, bm.full_q_indices
+
+    rec = _GraphRecorder()
+    got = torch.compile(f, backend=rec, fullgraph=True)(q, kbar)
+    got_grads = torch.autograd.grad(got[0], (q, kbar))
+    want = f(q, kbar)
+    want_grads = torch.autograd.grad(want[0], (q, kbar))
+    assert rec.frame_count == 1
+    code = "\n".join(rec.codes)
+    for name in ("router_tau", "router_pbar", "router_backward", "dash_mask_tables"):
+        assert f"flexsparse.{name}" in code, name
+    past = torch.arange(N, device=device) // C  # past chunks of each row
+    assert (want[2] < past).any() and (want[2] > 1).any()  # the router drops chunks, keeps several
+    for g, w in zip(got + got_grads, want + want_grads):
+        assert torch.equal(g, w)
 
 
 # ---------------------------------------------------------------------------------------------
