@@ -14,20 +14,27 @@ query rows ``q [B, Hq, L, D]`` sit at positions ``i = N - L + r``; row ``r`` lie
         estimate_diagonal: shift = mean of log pbar over the row's selected chunks)
     the diagonal chunk c_i: prior 0 (pi = 1), keys c_i * C .. i
 
-Kernels (four launches per step):
+Kernels (five launches per step):
 
 * ``_scores_kernel``, grid (chunk tiles, row tiles, B * Hkv): the ``G * L`` query rows of a KV
   head are stacked along M (``m = g * L + r``, padded to >= 16) so one ``tl.dot`` of
   ``[M, D] x [D, BLOCK_N]`` scores every head of the group against a tile of summaries; ``x``
   goes to a float32 scratch ``[B, Hq, L, NFS]`` (small: ``G * L`` rows per KV head). Spreading
   this over chunk tiles keeps the one pass over ``kbar`` parallel even at batch 1.
-* ``_route_kernel``, grid (L, B * Hkv): one program per (batch, KV head, row) holds the ``G``
-  heads as a ``[BLOCK_G, BLOCK_C]`` tile stream over the scratch: row maximum and mean, then
-  ``tau`` per head by the solver of :mod:`flexsparse.kernels.router` (bracket inside
-  ``[max - 1, max]`` in x units, the closed-form root of ``f(tau) = sum (x - tau)_+^2 - 1`` on the
-  current support, Halley steps, bisection whenever a step leaves the bracket), then ``pbar``
-  and a compact list of the selected chunk ids with their ``log pbar`` (prefix sums keep the
-  chunk order), the count and the row's ``shift``.
+* ``_tau_kernel``, grid (L, B * Hq): one program per (batch, query head, row) streams its row
+  of scores in ``[BLOCK_C]`` tiles (one tile up to 2048 chunks on the GPU, so every pass after
+  the first reads L1): maximum and mean, then ``tau`` by the solver of
+  :mod:`flexsparse.kernels.router` with scalar state (bracket inside ``[max - 1, max]`` in x
+  units, the closed-form root of ``f(tau) = sum (x - tau)_+^2 - 1`` on the current support,
+  which is exact once the support is final, Halley steps, bisection whenever a step leaves the
+  bracket; float32 ``[B, Hq, L]``, ``+inf`` for rows without a past chunk). One program per
+  head rather than per group: with a ``[G, BLOCK_C]`` tile every thread held all ``G`` values
+  of each of the solver's vectors (Triton spreads a loaded tile along its contiguous axis) and
+  the kernel spilled.
+* ``_select_kernel``, grid (L, B * Hkv): per (batch, KV head, row), one pass over
+  ``[BLOCK_G, BLOCK_C]`` tiles: ``pbar`` = mean over the heads of ``(x - tau)_+^2``, then a compact
+  list of the selected chunk ids with their ``log pbar`` (prefix sums keep the chunk order),
+  the count and the row's ``shift``.
 * ``_split_kernel``, grid (S, B * Hkv * L): split ``s`` of a row takes items
   ``[s * per, min(T, (s + 1) * per))`` of the row's ``T = count + 1`` items (the selected chunks,
   then the diagonal chunk), ``per = max(ceil(T / S), min_per)``; splits past the end write an
@@ -101,66 +108,61 @@ def _scores_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# stage 1: tau per head, pbar, compact selection
+# stage 1: tau per head (one row of scores per program: the solver state is scalar)
 
 
-@triton.jit(do_not_specialize=["Hkv", "G", "L", "NFS", "inv_g"])
-def _route_kernel(
-    x_ptr, len_ptr, ids_ptr, lp_ptr, cnt_ptr, shift_ptr,
-    Hkv, G, L, NFS, inv_g,
-    C: tl.constexpr, ESTIMATE: tl.constexpr, MAX_ITER: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+@triton.jit(do_not_specialize=["L", "NFS"])
+def _tau_kernel(
+    x_ptr, len_ptr, tau_ptr,
+    L, NFS,
+    C: tl.constexpr, MAX_ITER: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     r = tl.program_id(0)
-    bk = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(1).to(tl.int64)  # b * Hq + h
     N = tl.load(len_ptr)
-    i = N - L + r
-    ci = i // C  # past chunks of this row (all complete: c_i <= N // C)
-    gg = tl.arange(0, BLOCK_G)
-    gmask = gg < G
-    xrow = x_ptr + ((bk * G + gg) * L + r)[:, None] * NFS  # [BLOCK_G, 1] row pointers
+    ci = (N - L + r) // C  # past chunks of this row (all complete: c_i <= N // C)
+    row = bh * L + r
+    xrow = x_ptr + row * NFS
 
-    # pass 0: row maximum and mean over the past chunks
-    m = tl.full([BLOCK_G], -_INF, tl.float32)
-    sx = tl.zeros([BLOCK_G], tl.float32)
+    # pass 0: maximum and mean over the past chunks
+    m = tl.full([], -_INF, tl.float32)
+    sx = tl.zeros([], tl.float32)
     for c0 in range(0, ci, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        valid = gmask[:, None] & (cols < ci)[None, :]
-        x = tl.load(xrow + cols[None, :], mask=valid, other=-_INF)
-        m = tl.maximum(m, tl.max(x, 1))
-        sx += tl.sum(tl.where(valid, x, 0.0), 1)
+        valid = cols < ci
+        x = tl.load(xrow + cols, mask=valid, other=-_INF)
+        m = tl.maximum(m, tl.max(x, 0))
+        sx += tl.sum(tl.where(valid, x, 0.0), 0)
 
     has = ci > 0
     n = tl.maximum(ci, 1).to(tl.float32)
     rs = 1.0 / tl.sqrt(n)
-    m = tl.where(gmask & has, m, 0.0)
-    # f(m - 1/sqrt(n)) <= 0 and f(max(m - 1, mean - 1/sqrt(n))) >= 0
+    m = tl.where(has, m, 0.0)
+    # f(m - 1/sqrt(n)) <= 0 and f(max(m - 1, mean - 1/sqrt(n))) >= 0: the root lies between
     hi = m - rs
     lo = tl.minimum(tl.maximum(m - 1.0, sx / n - rs), hi)
     tol = 4e-7 * (tl.abs(m) + 1.0)
-    done = (hi - lo <= tol) | (ci == 0) | (gmask == 0)
+    done = (hi - lo <= tol) | (ci == 0)
     tau = lo
-
     it = 0
-    todo = tl.sum((done == 0).to(tl.int32), 0)
-    while (todo > 0) & (it < MAX_ITER):
-        a1 = tl.zeros([BLOCK_G], tl.float32)
-        a2 = tl.zeros([BLOCK_G], tl.float32)
-        cnt = tl.zeros([BLOCK_G], tl.float32)
-        min_in = tl.full([BLOCK_G], _INF, tl.float32)
-        max_out = tl.full([BLOCK_G], -_INF, tl.float32)
+    while (done == 0) & (it < MAX_ITER):
+        a1 = tl.zeros([], tl.float32)
+        a2 = tl.zeros([], tl.float32)
+        cnt = tl.zeros([], tl.float32)
+        min_in = tl.full([], _INF, tl.float32)
+        max_out = tl.full([], -_INF, tl.float32)
         for c0 in range(0, ci, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            valid = gmask[:, None] & (cols < ci)[None, :]
-            x = tl.load(xrow + cols[None, :], mask=valid, other=-_INF)
-            a = x - tau[:, None]
+            valid = cols < ci
+            x = tl.load(xrow + cols, mask=valid, other=-_INF)
+            a = x - tau
             pos = valid & (a > 0)
             ap = tl.where(pos, a, 0.0)
-            a1 += tl.sum(ap, 1)
-            a2 += tl.sum(ap * ap, 1)
-            cnt += tl.sum(pos.to(tl.float32), 1)
-            min_in = tl.minimum(min_in, tl.min(tl.where(pos, a, _INF), 1))
-            max_out = tl.maximum(max_out, tl.max(tl.where(valid & (a <= 0), a, -_INF), 1))
+            a1 += tl.sum(ap, 0)
+            a2 += tl.sum(ap * ap, 0)
+            cnt += tl.sum(pos.to(tl.float32), 0)
+            min_in = tl.minimum(min_in, tl.min(tl.where(pos, a, _INF), 0))
+            max_out = tl.maximum(max_out, tl.max(tl.where(valid & (a <= 0), a, -_INF), 0))
         f = a2 - 1.0
         disc = a1 * a1 - cnt * f
         has_root = disc >= 0
@@ -178,17 +180,33 @@ def _route_kernel(
         cand = tl.where(has_root, piece, halley)
         inside = (cand >= lo_n) & (cand <= hi_n)
         cand = tl.where(inside, cand, 0.5 * (lo_n + hi_n))
-        cand = tl.where(exact, piece, cand)
-        finished = exact | (hi_n - lo_n <= tol)
-        tau = tl.where(done, tau, cand)
-        lo = tl.where(done, lo, lo_n)
-        hi = tl.where(done, hi, hi_n)
-        done = done | finished
-        todo = tl.sum((done == 0).to(tl.int32), 0)
+        tau = tl.where(exact, piece, cand)
+        lo = lo_n
+        hi = hi_n
+        done = exact | (hi_n - lo_n <= tol)
         it += 1
-    tau = tl.where(gmask, tau, _INF)  # padded heads contribute p = 0
+    tl.store(tau_ptr + row, tl.where(has, tau, _INF))
 
-    # selection: pbar = mean over the group, selected chunks appended in chunk order
+
+# ----------------------------------------------------------------------------------------------
+# stage 1: pbar over the group and the compact selection
+
+
+@triton.jit(do_not_specialize=["G", "L", "NFS", "inv_g"])
+def _select_kernel(
+    x_ptr, tau_ptr, len_ptr, ids_ptr, lp_ptr, cnt_ptr, shift_ptr,
+    G, L, NFS, inv_g,
+    C: tl.constexpr, ESTIMATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    r = tl.program_id(0)
+    bk = tl.program_id(1).to(tl.int64)  # b * Hkv + hk
+    N = tl.load(len_ptr)
+    ci = (N - L + r) // C
+    gg = tl.arange(0, BLOCK_G)
+    gmask = gg < G
+    hrow = (bk * G + gg) * L + r  # rows of the [B, Hq, L] tau / scores of the group's heads
+    tau = tl.load(tau_ptr + hrow, mask=gmask, other=_INF)  # padded heads: p = 0
+    xrow = x_ptr + hrow[:, None] * NFS
     row = bk * L + r
     base = row * NFS
     count = tl.zeros([], tl.int32)
@@ -201,7 +219,7 @@ def _route_kernel(
         pb = tl.sum(s * s, 0) * inv_g
         sel = cvalid & (pb > 0)
         si = sel.to(tl.int32)
-        slot = count + tl.cumsum(si, 0) - si
+        slot = count + tl.cumsum(si, 0) - si  # selected chunks kept in increasing order
         lpb = tl.log(tl.where(sel, pb, 1.0))
         tl.store(ids_ptr + base + slot, cols, mask=sel)
         tl.store(lp_ptr + base + slot, lpb, mask=sel)
@@ -267,7 +285,7 @@ def _split_kernel(
         chunk = tl.where(past, cid, ci)
         bias = tl.where(past, (lpv - shift) * prior_scale, 0.0)
         n_keys = tl.where(past, C, i - ci * C + 1)
-        for jt in tl.static_range(CHUNK_TILES):
+        for jt in range(0, CHUNK_TILES):
             j = jt * BLOCK_N + tl.arange(0, BLOCK_N)
             kmask = j < n_keys
             pos = (chunk * C + j).to(tl.int64)
@@ -392,14 +410,15 @@ def decode_scores(
 def decode_route(
     x: torch.Tensor, length: torch.Tensor, kv_heads: int, chunk_size: int, *,
     estimate_diagonal: bool = False, max_iter: int = MAX_ITER, blocks: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Entmax threshold, group mean and compact selection from the scores of :func:`decode_scores`.
 
-    Returns ``(ids, log_pbar, count, shift)``: ``ids`` int32 ``[B, Hkv, L, NFS]`` whose first
+    Returns ``(ids, log_pbar, count, shift, tau)``: ``ids`` int32 ``[B, Hkv, L, NFS]`` whose first
     ``count[b, g, r]`` entries are the selected past chunks of the row in increasing order (the
     rest is not written), ``log_pbar`` float32 (same layout) their ``log pbar``, ``count`` int32
     ``[B, Hkv, L]``, ``shift`` float32 ``[B, Hkv, L]`` (mean ``log pbar`` over the selection with
-    ``estimate_diagonal``, else 0).
+    ``estimate_diagonal``, else 0), ``tau`` float32 ``[B, Hq, L]`` in x units (``+inf`` for rows
+    without a past chunk).
     """
     B, Hq, L, NFS = x.shape
     G = Hq // kv_heads
@@ -408,17 +427,25 @@ def decode_route(
     lp = torch.empty(B, kv_heads, L, NFS, dtype=torch.float32, device=dev)
     cnt = torch.empty(B, kv_heads, L, dtype=torch.int32, device=dev)
     shift = torch.empty(B, kv_heads, L, dtype=torch.float32, device=dev)
+    tau = torch.empty(B, Hq, L, dtype=torch.float32, device=dev)
     if cnt.numel() == 0:
-        return ids, lp, cnt, shift
+        return ids, lp, cnt, shift, tau
     gpu = dev.type == "cuda"
+    # GPU: a whole row of scores per tile up to 2048 chunks (no spills on sm_90 with 4 warps);
+    # [BLOCK_G, BLOCK_C] tiles of 1024 elements for the selection. Interpreter: small tiles.
+    tau_c = _opt(blocks, "TAU_C", min(2048, _pow2(NFS)) if gpu else 8)
     block_g = _pow2(G)
-    block_c = _opt(blocks, "ROUTE_C", max(16, min(triton.next_power_of_2(max(NFS, 1)), 4096 // block_g)) if gpu else 8)
-    _route_kernel[(L, B * kv_heads)](
-        x, length, ids, lp, cnt, shift, kv_heads, G, L, NFS, 1.0 / G,
-        C=chunk_size, ESTIMATE=bool(estimate_diagonal), MAX_ITER=max_iter, BLOCK_G=block_g, BLOCK_C=block_c,
-        num_warps=_opt(blocks, "route_warps", 4),
+    sel_c = _opt(blocks, "SELECT_C", max(16, min(_pow2(NFS), 1024 // block_g)) if gpu else 8)
+    _tau_kernel[(L, B * Hq)](
+        x, length, tau, L, NFS, C=chunk_size, MAX_ITER=max_iter, BLOCK_C=tau_c,
+        num_warps=_opt(blocks, "tau_warps", 4),
     )
-    return ids, lp, cnt, shift
+    _select_kernel[(L, B * kv_heads)](
+        x, tau, length, ids, lp, cnt, shift, G, L, NFS, 1.0 / G,
+        C=chunk_size, ESTIMATE=bool(estimate_diagonal), BLOCK_G=block_g, BLOCK_C=sel_c,
+        num_warps=_opt(blocks, "select_warps", 4),
+    )
+    return ids, lp, cnt, shift, tau
 
 
 def decode_attention(
@@ -444,7 +471,9 @@ def decode_attention(
         return out
     gpu = q.device.type == "cuda"
     C = chunk_size
-    block_n = _opt(blocks, "BLOCK_N", max(16, min(64, _pow2(C))))
+    # one 64-key tile per chunk up to C = 64; longer chunks in 32-key tiles when D > 64 (two
+    # 64-key tiles spill on sm_90 with D = 128)
+    block_n = _opt(blocks, "BLOCK_N", max(16, _pow2(C)) if C <= 64 else (32 if _block_d(D) > 64 else 64))
     block_m = max(16, _pow2(G))
     S = max(1, int(num_splits))
     single = S == 1
@@ -456,7 +485,7 @@ def decode_attention(
         l_part = torch.empty_like(m_part)
         o_buf = torch.empty(B, Hq, L, S, D, dtype=torch.float32, device=q.device)
     so = out.stride() if single else (0, 0, 0, 0)
-    warps = _opt(blocks, "num_warps", 4 if _block_d(D) <= 64 else 8) if gpu else 4
+    warps = _opt(blocks, "num_warps", 4)  # D = 128: 195 registers, no spills on sm_90 (8 warps spill)
     _split_kernel[(S, B * Hkv * L)](
         q, k, v, length, ids, log_pbar, count, shift, o_buf, m_part, l_part,
         Hkv, G, L, D, NFS, S, int(min_per), float(scale) * _LOG2E, _LOG2E / float(sigma),

@@ -289,7 +289,7 @@ def dash_decode(
         num_splits: KV splits per row for the triton backend (None: enough to fill the GPU,
             from the batch, KV heads, ``L`` and the cache capacity; a given count is used as is).
         out: optional ``[B, Hq, L, D]`` output written in place (triton backend).
-        return_aux: also return ``{"ids", "log_pbar", "count", "shift"}`` (triton backend,
+        return_aux: also return ``{"ids", "log_pbar", "count", "shift", "tau"}`` (triton backend,
             see :func:`flexsparse.kernels.dash_decode.decode_route`; the torch backend returns
             ``{"pbar" [B, Hkv, L, length // C], "count"}``).
         blocks: kernel tile overrides (tuning).
@@ -329,7 +329,7 @@ def dash_decode(
         q = q.contiguous()
     Hkv, C = cache.kv_heads, cache.chunk_size
     x = K.decode_scores(q, cache.kbar, cache.seq_len, C, gamma * scale, blocks=blocks)
-    ids, lp, cnt, shift = K.decode_route(x, cache.seq_len, Hkv, C, estimate_diagonal=estimate_diagonal, blocks=blocks)
+    ids, lp, cnt, shift, tau = K.decode_route(x, cache.seq_len, Hkv, C, estimate_diagonal=estimate_diagonal, blocks=blocks)
     min_per = 2 if q.is_cuda else 1
     if num_splits is None:
         num_splits = K.default_num_splits(B, Hkv, L, cache.capacity // C + 1, q.device, min_per)
@@ -341,7 +341,7 @@ def dash_decode(
         num_splits=num_splits, min_per=min_per, out=out, blocks=blocks,
     )
     if return_aux:
-        return o, {"ids": ids, "log_pbar": lp, "count": cnt, "shift": shift}
+        return o, {"ids": ids, "log_pbar": lp, "count": cnt, "shift": shift, "tau": tau}
     return o
 
 
