@@ -86,13 +86,18 @@ def _check_selection(auxes, sel64):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 @pytest.mark.parametrize("C,capacity,pieces", [(8, 53, [5, 1, 20, 3, 1, 17]), (16, 40, [16, 1, 15, 8]), (3, 10, [1, 1, 1, 4, 3])])
-def test_cache_append_summaries(C, capacity, pieces):
+def test_cache_append_summaries(C, capacity, pieces, impl, device):
+    """k, v land at the right positions; kbar of every complete chunk equals
+    ``reference.chunk_summaries`` (torch: float64, exact; triton kernel: float32 inputs)."""
     B, Hkv, D = 2, 3, 12
-    k = torch.randn(B, Hkv, sum(pieces), D, dtype=F64)
+    dtype = F64 if impl == "torch" else torch.float32
+    dev = "cpu" if impl == "torch" else device
+    k = torch.randn(B, Hkv, sum(pieces), D, dtype=F64).to(dtype).to(dev)
     v = torch.randn_like(k)
-    w = torch.randn(Hkv, D, dtype=F64)
-    cache = DashKVCache(B, Hkv, capacity, D, chunk_size=C, dtype=F64)
+    w = torch.randn(Hkv, D, dtype=F64).to(dtype).to(dev)
+    cache = DashKVCache(B, Hkv, capacity, D, chunk_size=C, dtype=dtype, device=dev, append_impl=impl)
     assert cache.capacity % C == 0 and cache.capacity >= capacity and cache.capacity - capacity < C
     assert cache.kbar.shape == (B, Hkv, cache.capacity // C, D)
     n = 0
@@ -102,8 +107,9 @@ def test_cache_append_summaries(C, capacity, pieces):
         assert cache.length == n and int(cache.seq_len) == n
         torch.testing.assert_close(cache.k[:, :, :n], k[:, :, :n], rtol=0, atol=0)
         torch.testing.assert_close(cache.v[:, :, :n], v[:, :, :n], rtol=0, atol=0)
-        ref = R.chunk_summaries(k[:, :, :n], w, C)
-        torch.testing.assert_close(cache.kbar[:, :, : n // C], ref, rtol=1e-12, atol=1e-12)
+        ref = R.chunk_summaries(k[:, :, :n].double(), w.double(), C)
+        tol = 1e-12 if dtype == F64 else 2e-6
+        torch.testing.assert_close(cache.kbar[:, :, : n // C].double(), ref, rtol=tol, atol=tol)
 
 
 def test_cache_errors():
@@ -128,7 +134,9 @@ def test_cache_errors():
     cache.reset()
     assert cache.length == 0 and int(cache.seq_len) == 0
     cache.append(k, k, w)
-    for bad in (dict(batch=0), dict(capacity=-1), dict(chunk_size=0), dict(dtype=torch.int32)):
+    with pytest.raises(ValueError, match="append_impl='triton'"):
+        DashKVCache(B, Hkv, 20, D, chunk_size=C, dtype=F64, append_impl="triton").append(k.double(), k.double(), w)
+    for bad in (dict(batch=0), dict(capacity=-1), dict(chunk_size=0), dict(dtype=torch.int32), dict(append_impl="x")):
         args = dict(batch=1, kv_heads=1, capacity=8, head_dim=4, chunk_size=4)
         args.update(bad)
         with pytest.raises(ValueError):

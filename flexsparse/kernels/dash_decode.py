@@ -44,6 +44,10 @@ Kernels (five launches per step):
   directly when ``S == 1``).
 * ``_combine_kernel``, grid (B * Hq * L): ``out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s``.
 
+The cache append is one more launch (``_append_kernel``, grid (chunks touched, B * Hkv)): it
+writes the new keys and values at device-side positions and recomputes the summary of each
+chunk that holds a new token from the merged ``[C, D]`` tile.
+
 Accumulation is float32; ``tl.dot`` takes bf16/fp16 operands as they are and float32 operands
 in IEEE precision (the interpreter path).
 """
@@ -56,7 +60,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["MAX_ITER", "decode_attention", "decode_route", "decode_scores", "default_num_splits"]
+__all__ = ["MAX_ITER", "cache_append", "decode_attention", "decode_route", "decode_scores", "default_num_splits"]
 
 # Solver passes after the max pass (bisection alone closes a bracket of width 1 in ~22).
 MAX_ITER = 40
@@ -234,6 +238,52 @@ def _select_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# cache append: write the new tokens and refresh the summaries of the chunks they touch
+
+
+@triton.jit(do_not_specialize=["Hkv", "L", "D", "NCH", "inv_sqrt_d"])
+def _append_kernel(
+    kn_ptr, vn_ptr, k_ptr, v_ptr, kb_ptr, w_ptr, len_ptr,
+    Hkv, L, D, NCH, inv_sqrt_d,
+    snb, snh, snl, svnb, svnh, svnl, skb, skh, skn, svb, svh, svn, sbb, sbh, sbc,
+    C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    bk = tl.program_id(1).to(tl.int64)
+    b = bk // Hkv
+    hk = bk % Hkv
+    start = tl.load(len_ptr)  # the length before this append
+    c = start // C + pid_c
+    j = tl.arange(0, BLOCK_T)
+    pos = (c * C + j).to(tl.int64)
+    newi = pos - start
+    jmask = j < tl.where(c < NCH, C, 0)  # (no scalar & vector bool: the interpreter rejects it)
+    is_new = jmask & (newi >= 0) & (newi < L)
+    dcols = tl.arange(0, BLOCK_D)
+    dmask = dcols < D
+    m_new = is_new[:, None] & dmask[None, :]
+    m_old = (jmask & (is_new == 0))[:, None] & dmask[None, :]
+    kc = k_ptr + b * skb + hk * skh + pos[:, None] * skn + dcols[None, :]
+    kt = tl.load(kn_ptr + b * snb + hk * snh + newi[:, None] * snl + dcols[None, :], mask=m_new, other=0.0)
+    kt = tl.where(m_new, kt, tl.load(kc, mask=m_old, other=0.0))
+    tl.store(kc, kt, mask=m_new)
+    vt = tl.load(vn_ptr + b * svnb + hk * svnh + newi[:, None] * svnl + dcols[None, :], mask=m_new, other=0.0)
+    tl.store(v_ptr + b * svb + hk * svh + pos[:, None] * svn + dcols[None, :], vt, mask=m_new)
+    # summary of the chunk (provisional while it is incomplete): softmax_j(w . k_j / sqrt(D)) k_j
+    w = tl.load(w_ptr + hk * D + dcols, mask=dmask, other=0.0).to(tl.float32)
+    kf = kt.to(tl.float32)
+    sc = tl.sum(kf * w[None, :], 1) * inv_sqrt_d
+    sc = tl.where(j < C, sc, -_INF)
+    e = tl.exp(sc - tl.max(sc, 0))
+    kbar = tl.sum(e[:, None] * kf, 0) / tl.sum(e, 0)
+    n_new = tl.sum(is_new.to(tl.int32), 0)
+    tl.store(
+        kb_ptr + b * sbb + hk * sbh + c * sbc + dcols, kbar.to(kb_ptr.dtype.element_ty),
+        mask=dcols < tl.where(n_new > 0, D, 0),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # stage 2: split-KV attention over the selected chunks and the diagonal chunk
 
 
@@ -376,6 +426,30 @@ def default_num_splits(batch: int, kv_heads: int, q_len: int, max_items: int, de
         target = 4
     rows = max(1, batch * kv_heads * q_len)
     return max(1, min(triton.cdiv(target, rows), triton.cdiv(max(1, max_items), max(1, min_per)), 128))
+
+
+def cache_append(
+    k_new: torch.Tensor, v_new: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kbar: torch.Tensor,
+    w: torch.Tensor, length: torch.Tensor, chunk_size: int, *, blocks: dict | None = None,
+) -> None:
+    """Write ``k_new, v_new [B, Hkv, L, D]`` into ``k, v [B, Hkv, cap, D]`` at positions
+    ``length .. length + L - 1`` (``length`` int32 ``[1]`` on the device, not advanced here) and
+    write the summary of every chunk that holds a new token into ``kbar [B, Hkv, cap // C, D]``
+    (``w [Hkv, D]`` contiguous in the cache dtype; pooled in float32). ``cap % C == 0``. One launch.
+    """
+    B, Hkv, L, D = k_new.shape
+    C = chunk_size
+    NCH = kbar.shape[2]
+    if L == 0 or NCH == 0:
+        return
+    n_touch = min((L + C - 2) // C + 1, NCH)
+    _append_kernel[(n_touch, B * Hkv)](
+        k_new, v_new, k, v, kbar, w, length, Hkv, L, D, NCH, 1.0 / math.sqrt(D),
+        k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        kbar.stride(0), kbar.stride(1), kbar.stride(2),
+        C=C, BLOCK_T=_pow2(C), BLOCK_D=_block_d(D), num_warps=_opt(blocks, "append_warps", 4),
+    )
 
 
 def decode_scores(

@@ -64,6 +64,9 @@ class DashKVCache:
             ``chunk_size``.
         chunk_size: ``C`` (must equal the model's).
         dtype, device: of ``k``, ``v``, ``kbar`` (default: torch's default dtype, CPU).
+        append_impl: ``"triton"`` (one kernel: :func:`flexsparse.kernels.dash_decode.cache_append`;
+            CUDA, or CPU under ``TRITON_INTERPRET=1``; fp16/bf16/fp32), ``"torch"`` (index_copy_
+            and einsum, any dtype), or ``"auto"`` (triton where it can run, else torch).
 
     Attributes:
         k, v: ``[B, Hkv, capacity, D]``; positions ``>= length`` hold stale values (zeros at
@@ -91,6 +94,7 @@ class DashKVCache:
         chunk_size: int = 64,
         dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
+        append_impl: str = "auto",
     ):
         B = _check_pos_int("batch", batch)
         Hkv = _check_pos_int("kv_heads", kv_heads)
@@ -100,6 +104,9 @@ class DashKVCache:
         dtype = torch.get_default_dtype() if dtype is None else dtype
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        if append_impl not in ("auto", "triton", "torch"):
+            raise ValueError(f"append_impl must be 'auto', 'triton' or 'torch', got {append_impl!r}")
+        self.append_impl = append_impl
         cap = -(-cap // C) * C
         self.batch, self.kv_heads, self.head_dim, self.chunk_size, self.capacity = B, Hkv, D, C, cap
         self.dtype = dtype
@@ -190,11 +197,37 @@ class DashKVCache:
             raise ValueError(
                 f"appending L = {L} tokens to a cache holding {self.length} exceeds its capacity {self.capacity}"
             )
+        if self._use_triton():
+            from flexsparse.kernels.dash_decode import cache_append
+
+            wk = w.detach().to(self.dtype).contiguous()
+            cache_append(k_new.detach(), v_new.detach(), self.k, self.v, self.kbar, wk, self.seq_len, C)
+        else:
+            self._append_torch(k_new.detach(), v_new.detach(), w)
+        self.seq_len.add_(L)
+        self.length += L
+        if self._w_key is None:
+            self._w_key = (w, self._version(w))
+
+    def _use_triton(self) -> bool:
+        if self.append_impl == "torch":
+            return False
+        ok = self.dtype in _TRITON_DTYPES and self.head_dim <= _MAX_HEAD_DIM and (self.device.type == "cuda" or _interpreting())
+        if self.append_impl == "triton" and not ok:
+            raise ValueError(
+                f"append_impl='triton' needs a {_TRITON_DTYPES} cache with head_dim <= {_MAX_HEAD_DIM} on CUDA "
+                f"(or TRITON_INTERPRET=1 on CPU), this one is {self!r}"
+            )
+        return ok
+
+    def _append_torch(self, k_new: Tensor, v_new: Tensor, w: Tensor) -> None:
+        B, Hkv, D, C = self.batch, self.kv_heads, self.head_dim, self.chunk_size
+        L = k_new.shape[2]
         dev = self.device
         start = self.seq_len.to(torch.int64)  # [1]
         pos = start + torch.arange(L, device=dev)
-        self.k.index_copy_(2, pos, k_new.detach())
-        self.v.index_copy_(2, pos, v_new.detach())
+        self.k.index_copy_(2, pos, k_new)
+        self.v.index_copy_(2, pos, v_new)
 
         # Every chunk the new tokens touch (a static count, so no host branch on the length):
         # complete ones get their final summary, the partial last one a provisional one.
@@ -208,11 +241,6 @@ class DashKVCache:
         weights = torch.softmax(torch.einsum("bhcjd,hd->bhcj", kc, wk) / math.sqrt(D), dim=-1)
         kb = torch.einsum("bhcj,bhcjd->bhcd", weights, kc).to(self.dtype)
         self.kbar.index_copy_(2, cidx, kb)
-
-        self.seq_len.add_(L)
-        self.length += L
-        if self._w_key is None:
-            self._w_key = (w, self._version(w))
 
 
 # ----------------------------------------------------------------------------------------------
