@@ -203,7 +203,7 @@ _CASES = [
     pytest.param(4, 2, 16, 64, 16.0, True, 0.7, 3, 2, 45, 5, 1, id="G4-C16-D64-est-3splits"),
     pytest.param(16, 1, 32, 16, 64.0, False, 1.0, 8, 2, 61, 5, 1, id="G16-C32-sparse-8splits"),
     pytest.param(4, 1, 32, 64, 0.0, True, 1.3, 2, 1, 92, 6, 1, id="G4-C32-D64-uniform-est"),
-    pytest.param(16, 2, 16, 16, 8.0, True, 0.5, 5, 2, 155, 4, 1, id="G16-10chunks-route-tiles"),
+    pytest.param(16, 2, 16, 16, 8.0, True, 0.5, 5, 1, 155, 3, 1, id="G16-10chunks-route-tiles"),
     pytest.param(4, 2, 16, 16, 4.0, False, 1.0, None, 2, 1, 19, 1, id="from-token-0-default-splits"),
     pytest.param(4, 2, 16, 16, 8.0, False, 1.0, 3, 2, 40, 9, 3, id="qlen3-G4"),
     pytest.param(16, 1, 32, 64, 16.0, True, 0.8, 1, 2, 58, 9, 3, id="qlen3-G16-est"),
@@ -227,13 +227,14 @@ def test_decode_matches_reference(G, Hkv, C, D, gamma, ed, sigma, splits, B, P, 
 @pytest.mark.triton
 def test_decode_splits_agree(device):
     """Every split count (1 .. more splits than items) gives the same output, and empty splits are harmless."""
-    G, Hkv, C, D, B, N = 4, 2, 16, 16, 2, 83
+    G, Hkv, C, D, B, N = 4, 2, 16, 16, 1, 83
     q, k, v, w = _inputs(B, G * Hkv, Hkv, N, D, device)
     q, k, v, w = (t.float() for t in (q, k, v, w))
     cache = DashKVCache(B, Hkv, N, D, chunk_size=C, device=device)
     cache.append(k, v, w)
-    outs = [dash_decode(q[:, :, -2:], cache, w, gamma=8.0, num_splits=s, backend="triton") for s in (1, 2, 4, 7, 16)]
-    for s, o in zip((2, 4, 7, 16), outs[1:]):
+    counts = (1, 2, 7, 16)
+    outs = [dash_decode(q[:, :, -2:], cache, w, gamma=8.0, num_splits=s, backend="triton") for s in counts]
+    for s, o in zip(counts[1:], outs[1:]):
         torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=2e-6, msg=f"num_splits={s}")
 
 
