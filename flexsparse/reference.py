@@ -484,12 +484,17 @@ def chunk_summaries(k: Tensor, w: Tensor, chunk_size: int) -> Tensor:
     return torch.einsum("bhcj,bhcjd->bhcd", weights, kc)
 
 
+def _is_finite_number(x) -> bool:
+    """A finite Python number (not a bool). Written with comparisons (False for NaN), not
+    ``math.isfinite``, so that symbolic floats (a module's float attributes under
+    ``torch.compile(dynamic=True)``) are checked by a guard instead of breaking the graph."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and -math.inf < x < math.inf
+
+
 def _check_gamma_sigma(gamma, sigma=None) -> None:
-    if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not math.isfinite(gamma):
+    if not _is_finite_number(gamma):
         raise ValueError(f"gamma must be a finite number, got {gamma!r}")
-    if sigma is not None and (
-        not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not (sigma > 0) or not math.isfinite(sigma)
-    ):
+    if sigma is not None and (not _is_finite_number(sigma) or not sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
 
 

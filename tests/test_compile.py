@@ -21,7 +21,7 @@ import torch._dynamo.testing
 from flexsparse import ops
 from flexsparse.testing import assert_close_to_ref
 
-from models import lm_loss, random_attn_inputs, tiny_model
+from models import TinyTransformer, dash_layer, lm_loss, random_attn_inputs, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -276,11 +276,13 @@ codes = {
     "compact": trace(lambda s: ops.compact_block_states(s)[0], states),
     "gather": trace(lambda x, i, b: ops.gather_rows(x, i, b).square(), x, perm, back),  # forward and backward
 }
-# DashAttention: router forward (tau, pbar) and backward (dq, dkbar); mask tables
-q = torch.randn(2, 4, 37, 16, requires_grad=True)
-kbar = torch.randn(2, 2, 4, 16, requires_grad=True)
+# DashAttention: router forward (tau, pbar) and backward (dq, dkbar in 2 row splits, then a sum);
+# mask tables
+q = torch.randn(1, 2, 300, 16, requires_grad=True)
+kbar = torch.randn(1, 1, 9, 16, requires_grad=True)
 p = torch.rand(2, 2, 37, 4)
-codes["router"] = trace(lambda q, kb: _TritonRouter.apply(q, kb, 8, 0.3)[0].square(), q, kbar)
+codes["router"] = trace(lambda q, kb: _TritonRouter.apply(q, kb, 32, 0.3)[0].square(), q, kbar)
+assert "'rows_per_split': 160" in codes["router"] and "aten.sum.dim_IntList" in codes["router"], codes["router"]
 codes["dash_mask"] = trace(lambda p: ops.dash_mask_tables(p, chunk_size=8, q_block=16, groups=2)[::2], p)
 codes["dash_mask_all"] = trace(
     lambda p: ops.dash_mask_tables(p, chunk_size=8, q_block=16, groups=2, with_counts=True, estimate_diagonal=True), p
@@ -406,6 +408,26 @@ def test_compiled_dash_model_forward_matches_eager(device, fresh_dynamo):
             assert w["kept_fraction"] < 0.99, w  # not a dense mask
 
 
+def test_dash_model_new_length_compiles_once_more(device, fresh_dynamo):
+    """A second sequence length recompiles the dash model once with a symbolic length (automatic
+    dynamic shapes: the ops' fakes and the layer's checks take symbolic sizes), a third one
+    reuses that graph; AOTAutograd with eager kernels (no Inductor), outputs equal to eager.
+    (``dynamic=True``, which also makes the layer's float and int attributes symbolic, is not
+    supported by the flexsparse layers.)"""
+    _, _, bs, dim = _shape(device)
+    model = tiny_model(["dash"], dim=dim, block_size=bs).to(device).eval()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    lengths = (37, 50, 67) if device == "cpu" else (300, 700, 1001)
+    for i, N in enumerate(lengths):
+        tokens = torch.randint(0, 61, (1, N), device=device)
+        with torch.no_grad():
+            want = model(tokens)
+            got = compiled(tokens)
+        assert counter.frame_count == min(i + 1, 2), (N, counter.frame_count)
+        assert_close_to_ref("logits", got, want, floor=1e-5 if device == "cpu" else 1e-3)
+
+
 class _GraphRecorder:
     """A Dynamo backend: counts frames, keeps each Dynamo graph's code, runs AOTAutograd
     (functionalisation, fake tensors, the joint forward-backward graph) with eager kernels."""
@@ -494,6 +516,82 @@ def test_gpu_compiled_model_trains_like_eager(fresh_dynamo):
             p.grad = g
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_dash_model_trains_like_eager(fresh_dynamo):
+    """bf16 model with a DashAttention entmax layer and a top-2 layer, 4 training steps on fresh
+    tokens under torch.compile(model, fullgraph=True): one frame compile in all; each step's loss,
+    every parameter gradient (the entmax layer's summary vector through the router and prior
+    table included) and the sparsity statistics equal to eager within bf16 tolerance.
+
+    Chunks and query blocks of 128 keep FlexAttention on its default kernels: training with
+    64-wide KV blocks needs max-autotune for the backward on torch 2.11, i.e. compiling the model
+    with ``mode="max-autotune-no-cudagraphs"`` (eager dash_attention does that by itself)."""
+    B, N, dim = 2, 1100, 256  # 8 full chunks and a partial one
+    attns = [
+        dash_layer(dim, 4, 2, chunk_size=128, q_block=128),
+        dash_layer(dim, 4, 2, chunk_size=128, q_block=128, router="topk", top_k=2),
+    ]
+    model = TinyTransformer(61, dim, attns).cuda().bfloat16()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    names, params = zip(*model.named_parameters())
+    opt = torch.optim.SGD(params, lr=0.02)
+    for step in range(4):
+        tokens = torch.randint(0, 61, (B, N), device="cuda")
+        loss_e = lm_loss(model(tokens), tokens)
+        grads_e = torch.autograd.grad(loss_e, params, allow_unused=True)
+        stats_e = _dash_stats(model)
+        loss_c = lm_loss(compiled(tokens), tokens)
+        grads_c = torch.autograd.grad(loss_c, params, allow_unused=True)
+        stats_c = _dash_stats(model)
+        assert counter.frame_count == 1, f"recompiled at step {step}"
+        assert torch.isfinite(loss_c)
+        assert abs(float(loss_c) - float(loss_e)) <= 1e-2 * abs(float(loss_e)), (step, float(loss_c), float(loss_e))
+        for name, gc, ge in zip(names, grads_c, grads_e):
+            if name == "blocks.1.attn.summary":  # the top-k router is not differentiable
+                assert gc is None and ge is None, name
+                continue
+            assert gc is not None and torch.isfinite(gc).all(), name
+            assert _rel_err(gc, ge) < 5e-2, (step, name, _rel_err(gc, ge))
+        assert grads_c[names.index("blocks.0.attn.summary")].abs().sum() > 0
+        for sc, se in zip(stats_c, stats_e):
+            assert abs(float(sc["kept_fraction"]) - float(se["kept_fraction"])) < 1e-2, (step, sc, se)
+            assert float(se["kept_fraction"]) < 0.95, se  # a sparse selection, not a dense mask
+        for p, g in zip(params, grads_c):
+            p.grad = g
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_dash_mask_inlines_triton_kernels(fresh_dynamo):
+    """On CUDA the DashAttention ops are triton_ops: Inductor's code for a compiled router +
+    mask build holds the router and mask kernels themselves, and its outputs equal eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    from flexsparse.patterns.dash import dash_block_mask
+    from flexsparse.patterns.router import entmax_router
+
+    assert not ops.OPAQUE
+    B, Hq, Hkv, N, D, C = 1, 4, 2, 1000, 64, 64
+    q = torch.randn(B, Hq, N, D, device="cuda", dtype=torch.bfloat16)
+    kbar = torch.randn(B, Hkv, N // C, D, device="cuda", dtype=torch.bfloat16)
+
+    def build(q, kbar):
+        pbar = entmax_router(q, kbar, chunk_size=C, gamma=2.0)
+        dm = dash_block_mask(pbar, N, chunk_size=C, groups=Hq // Hkv, q_block=128, with_counts=True)
+        return pbar, dm.table, dm.states, dm.counts, dm.block_mask.kv_indices
+
+    out, codes = run_and_get_code(torch.compile(build, fullgraph=True), q, kbar)
+    want = build(q, kbar)
+    for g, w in zip(out, want):
+        assert torch.equal(g, w)
+    code = "\n".join(codes)
+    assert "torch.ops.flexsparse" not in code
+    for kernel in ("_tau_kernel", "_pbar_kernel", "_dash_mask_kernel", "_compact_kernel"):
+        assert kernel in code, kernel
 
 
 @pytest.mark.gpu
