@@ -443,12 +443,16 @@ def cache_append(
     if L == 0 or NCH == 0:
         return
     n_touch = min((L + C - 2) // C + 1, NCH)
+    block_t = _pow2(C)
+    # the [C, D] tile lives in registers a few times over: C = 64, D = 128 spills below 16 warps
+    tile = block_t * _block_d(D)
+    warps = 16 if tile >= 8192 else (8 if tile >= 4096 else 4)
     _append_kernel[(n_touch, B * Hkv)](
         k_new, v_new, k, v, kbar, w, length, Hkv, L, D, NCH, 1.0 / math.sqrt(D),
         k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1), v_new.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         kbar.stride(0), kbar.stride(1), kbar.stride(2),
-        C=C, BLOCK_T=_pow2(C), BLOCK_D=_block_d(D), num_warps=_opt(blocks, "append_warps", 4),
+        C=C, BLOCK_T=block_t, BLOCK_D=_block_d(D), num_warps=_opt(blocks, "append_warps", warps),
     )
 
 
