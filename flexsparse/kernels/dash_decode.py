@@ -509,11 +509,13 @@ def decode_route(
     if cnt.numel() == 0:
         return ids, lp, cnt, shift, tau
     gpu = dev.type == "cuda"
-    # GPU: a whole row of scores per tile up to 2048 chunks (no spills on sm_90 with 4 warps);
-    # [BLOCK_G, BLOCK_C] tiles of 1024 elements for the selection. Interpreter: small tiles.
+    # GPU: a whole row of scores per tile up to 2048 chunks (64 registers, 4 warps, sm_90);
+    # [BLOCK_G, BLOCK_C] selection tiles of up to 8192 elements with 8 warps (G = 16: 512
+    # chunks, 78 registers; the group sum is thread-local, Triton lays the tile along the chunks)
+    # so a long context takes few sequential steps. Interpreter: small tiles (several per row).
     tau_c = _opt(blocks, "TAU_C", min(2048, _pow2(NFS)) if gpu else 8)
     block_g = _pow2(G)
-    sel_c = _opt(blocks, "SELECT_C", max(16, min(_pow2(NFS), 1024 // block_g)) if gpu else 8)
+    sel_c = _opt(blocks, "SELECT_C", max(16, min(_pow2(NFS), 4096, 8192 // block_g)) if gpu else 8)
     _tau_kernel[(L, B * Hq)](
         x, length, tau, L, NFS, C=chunk_size, MAX_ITER=max_iter, BLOCK_C=tau_c,
         num_warps=_opt(blocks, "tau_warps", 4),
@@ -521,7 +523,7 @@ def decode_route(
     _select_kernel[(L, B * kv_heads)](
         x, tau, length, ids, lp, cnt, shift, G, L, NFS, 1.0 / G,
         C=chunk_size, ESTIMATE=bool(estimate_diagonal), BLOCK_G=block_g, BLOCK_C=sel_c,
-        num_warps=_opt(blocks, "select_warps", 4),
+        num_warps=_opt(blocks, "select_warps", 8 if gpu else 4),
     )
     return ids, lp, cnt, shift, tau
 
