@@ -492,7 +492,7 @@ def dash_attn_forward(
     estimate_diagonal: bool = False,
     sigma: float = 1.0,
     blocks: dict | None = None,
-    out: torch.Tensor | None = None,
+    outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """DashAttention forward with in-kernel routing.
 
@@ -502,7 +502,9 @@ def dash_attn_forward(
         tau: float32 ``[B, Hq, N]`` (:func:`flexsparse.kernels.router.router_tau` with the same
             ``zscale``). chunk_size: ``C``. zscale: ``gamma * scale`` of the router.
         scale: logit scale of the attention. estimate_diagonal, sigma: prior mode.
-        blocks: tile overrides (see :func:`attn_config`). out: optional output (like ``q``).
+        blocks: tile overrides (see :func:`attn_config`).
+        outs: optional preallocated contiguous ``(out, lse, mu, counts)`` as described below
+            (every entry is written).
 
     Returns:
         ``(out, lse, mu, counts)``: ``out [B, Hq, N, D]`` in ``q.dtype``; ``lse`` float32
@@ -513,11 +515,13 @@ def dash_attn_forward(
     """
     q, k, v, kbar, tau, B, Hq, Hkv, N, NF, D, G, cs = _prepare(q, k, v, kbar, tau, chunk_size, zscale, scale)
     dev = q.device
-    if out is None:
+    if outs is None:
         out = torch.empty_like(q)
-    lse = torch.empty(B, Hq, N, dtype=torch.float32, device=dev)
-    mu = torch.empty(B, Hkv, N if estimate_diagonal else 0, dtype=torch.float32, device=dev)
-    counts = torch.empty(B, Hkv, N, dtype=torch.int32, device=dev)
+        lse = torch.empty(B, Hq, N, dtype=torch.float32, device=dev)
+        mu = torch.empty(B, Hkv, N if estimate_diagonal else 0, dtype=torch.float32, device=dev)
+        counts = torch.empty(B, Hkv, N, dtype=torch.int32, device=dev)
+    else:
+        out, lse, mu, counts = outs
     if q.numel() == 0:
         return out, lse, mu, counts
     cfg = attn_config(G, D, chunk_size, dev, blocks=blocks)
@@ -549,6 +553,7 @@ def dash_attn_backward(
     estimate_diagonal: bool = False,
     sigma: float = 1.0,
     blocks: dict | None = None,
+    outs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of :func:`dash_attn_forward` through stage 2 (the router's Jacobian is
     :func:`flexsparse.kernels.router.router_backward`, fed with the ``dpbar`` returned here).
@@ -557,6 +562,8 @@ def dash_attn_backward(
         q, k, v, kbar, tau, chunk_size, zscale, scale, estimate_diagonal, sigma: as in the forward.
         out, lse, mu: the forward's outputs. dout: ``[B, Hq, N, D]`` gradient of ``out``.
         blocks: tile overrides (see :func:`attn_config`, ``backward=True``).
+        outs: optional preallocated contiguous ``(dq, dk, dv, dpbar)`` as described below
+            (every entry is written).
 
     Returns:
         ``(dq, dk, dv, dpbar)``: ``dq`` float32 ``[B, Hq, N, D]`` (the attention part, without
@@ -569,10 +576,13 @@ def dash_attn_backward(
     dev = q.device
     C = chunk_size
     NCH = triton.cdiv(N, C)
-    dq = torch.empty(B, Hq, N, D, dtype=torch.float32, device=dev)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    dpbar = torch.empty(B, Hkv, N, NF, dtype=torch.float32, device=dev)
+    if outs is None:
+        dq = torch.empty(B, Hq, N, D, dtype=torch.float32, device=dev)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        dpbar = torch.empty(B, Hkv, N, NF, dtype=torch.float32, device=dev)
+    else:
+        dq, dk, dv, dpbar = outs
     if q.numel() == 0:
         return dq, dk, dv, dpbar
     cfg = attn_config(G, D, C, dev, backward=True, blocks=blocks)
