@@ -58,7 +58,9 @@ def _decode(q, k, v, w, *, C, P, T, step, gamma, ed, sigma, splits, dtype=torch.
         L = min(step, P + T - n)
         cache.append(kd[:, :, n : n + L], vd[:, :, n : n + L], wd)
         qs = qd[:, :, n : n + L]
-        o, aux = dash_decode(qs, cache, wd, backend="triton", num_splits=splits, out=nan_like(qs), return_aux=True, **kw)
+        o, aux = dash_decode(
+            qs, cache, wd, backend="triton", num_splits=splits, out=nan_like(qs), return_aux=True, **kw
+        )
         outs.append(o)
         twins.append(dash_decode_torch(qs, cache, wd, **kw))
         auxes.append((list(range(n, n + L)), aux))
@@ -87,7 +89,9 @@ def _check_selection(auxes, sel64):
 
 
 @pytest.mark.parametrize("impl", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
-@pytest.mark.parametrize("C,capacity,pieces", [(8, 53, [5, 1, 20, 3, 1, 17]), (16, 40, [16, 1, 15, 8]), (3, 10, [1, 1, 1, 4, 3])])
+@pytest.mark.parametrize(
+    "C,capacity,pieces", [(8, 53, [5, 1, 20, 3, 1, 17]), (16, 40, [16, 1, 15, 8]), (3, 10, [1, 1, 1, 4, 3])]
+)
 def test_cache_append_summaries(C, capacity, pieces, impl, device):
     """k, v land at the right positions; kbar of every complete chunk equals
     ``reference.chunk_summaries`` (torch: float64, exact; triton kernel: float32 inputs)."""
@@ -187,7 +191,8 @@ def test_twin_matches_reference(G, Hkv, C, D, gamma, ed, sigma, L):
     ref = R.dash_attention(q, k, v, w, chunk_size=C, gamma=gamma, estimate_diagonal=ed, sigma=sigma)
     cache = DashKVCache(B, Hkv, N, D, chunk_size=C, dtype=F64)
     cache.append(k, v, w)
-    out, aux = dash_decode_torch(q[:, :, N - L :], cache, w, gamma=gamma, estimate_diagonal=ed, sigma=sigma, return_aux=True)
+    kw = dict(gamma=gamma, estimate_diagonal=ed, sigma=sigma)
+    out, aux = dash_decode_torch(q[:, :, N - L :], cache, w, return_aux=True, **kw)
     torch.testing.assert_close(out, ref[:, :, N - L :], rtol=1e-10, atol=1e-10)
     sel = _selection64(q, k, w, C, gamma)[:, :, N - L :]
     assert torch.equal(aux["count"], sel.sum(-1))

@@ -388,7 +388,9 @@ def _combine_kernel(
         smask = ss < S
         ms = tl.load(m_ptr + row * S + ss, mask=smask, other=-_INF)
         ls = tl.load(l_ptr + row * S + ss, mask=smask, other=0.0)
-        acc = tl.load(acc_ptr + (row * S + ss)[:, None] * D + dcols[None, :], mask=smask[:, None] & dmask[None, :], other=0.0)
+        acc = tl.load(
+            acc_ptr + (row * S + ss)[:, None] * D + dcols[None, :], mask=smask[:, None] & dmask[None, :], other=0.0
+        )
         wgt = tl.exp2(ms - big)
         den += wgt * ls
         num += tl.sum(wgt[:, None] * acc, 0)
@@ -416,7 +418,9 @@ def _opt(blocks: dict | None, name: str, default: int) -> int:
     return default if not blocks or name not in blocks else int(blocks[name])
 
 
-def default_num_splits(batch: int, kv_heads: int, q_len: int, max_items: int, device: torch.device, min_per: int) -> int:
+def default_num_splits(
+    batch: int, kv_heads: int, q_len: int, max_items: int, device: torch.device, min_per: int
+) -> int:
     """Splits per row: enough ``(split, row)`` programs to fill the GPU twice (132 SMs on an H100),
     at most ``ceil(max_items / min_per)`` (``max_items``: an upper bound of the items of a row, the
     cached chunk capacity + 1, so the launch does not depend on the current length) and 128."""

@@ -147,7 +147,8 @@ class DashKVCache:
 
     def _check_w(self, w, where: str) -> None:
         exp_w = _fmt("Hkv, D", [self.kv_heads, self.head_dim])
-        if not isinstance(w, Tensor) or not w.dtype.is_floating_point or tuple(w.shape) != (self.kv_heads, self.head_dim):
+        shape = (self.kv_heads, self.head_dim)
+        if not isinstance(w, Tensor) or not w.dtype.is_floating_point or tuple(w.shape) != shape:
             raise ValueError(f"{where}: w must be a floating-point tensor of shape {exp_w}, got {_shape(w)}")
         if w.device != self.device:
             raise ValueError(f"{where}: w must be on the cache's device ({self.device}), got {w.device}")
@@ -212,7 +213,8 @@ class DashKVCache:
     def _use_triton(self) -> bool:
         if self.append_impl == "torch":
             return False
-        ok = self.dtype in _TRITON_DTYPES and self.head_dim <= _MAX_HEAD_DIM and (self.device.type == "cuda" or _interpreting())
+        runs = self.device.type == "cuda" or _interpreting()
+        ok = self.dtype in _TRITON_DTYPES and self.head_dim <= _MAX_HEAD_DIM and runs
         if self.append_impl == "triton" and not ok:
             raise ValueError(
                 f"append_impl='triton' needs a {_TRITON_DTYPES} cache with head_dim <= {_MAX_HEAD_DIM} on CUDA "
@@ -357,7 +359,9 @@ def dash_decode(
         q = q.contiguous()
     Hkv, C = cache.kv_heads, cache.chunk_size
     x = K.decode_scores(q, cache.kbar, cache.seq_len, C, gamma * scale, blocks=blocks)
-    ids, lp, cnt, shift, tau = K.decode_route(x, cache.seq_len, Hkv, C, estimate_diagonal=estimate_diagonal, blocks=blocks)
+    ids, lp, cnt, shift, tau = K.decode_route(
+        x, cache.seq_len, Hkv, C, estimate_diagonal=estimate_diagonal, blocks=blocks
+    )
     min_per = 2 if q.is_cuda else 1
     if num_splits is None:
         num_splits = K.default_num_splits(B, Hkv, L, cache.capacity // C + 1, q.device, min_per)
