@@ -19,6 +19,7 @@ from flexsparse.patterns.blockmask import (
     build_block_mask,
     states_mask_mod,
 )
+from flexsparse.patterns.dash_cache import DashKVCache, dash_decode
 from flexsparse.patterns.dash import DashBlockMask, dash_block_mask, dash_sparsity, entmax_log_prior_table, topk_selection
 from flexsparse.patterns.drop import drop_block_mask
 from flexsparse.patterns.hash import hash_block_mask
@@ -51,4 +52,6 @@ __all__ = [
     "entmax_router",
     "router_tau",
     "topk_selection",
+    "DashKVCache",
+    "dash_decode",
 ]

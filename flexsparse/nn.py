@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from flexsparse.functional import dash_attention, hash_sparse_attention, qk_sparse_attention
+from flexsparse.patterns.dash_cache import DashKVCache, dash_module_prefill, dash_module_step
 from flexsparse.patterns.drop import capacity_for_rate
 
 __all__ = ["DashAttention", "HashSparseAttention", "QKSparseAttention"]
@@ -171,7 +172,10 @@ class DashAttention(_SparseSelfAttention):
             (0-d tensors, no host synchronisation; off by default: it costs a small reduction).
         head_dim, bias, rotary, rotary_base, backend, q_block: projection and op options.
 
-    ``forward(x)``: ``x [B, N, dim] -> [B, N, dim]``.
+    ``forward(x)``: ``x [B, N, dim] -> [B, N, dim]``. Incremental decoding (inference):
+    ``cache = layer.new_cache(batch, capacity)``, ``layer.prefill(x_prompt, cache)``, then
+    ``layer.step(x_new, cache)`` for ``x_new [B, q_len, dim]`` (see
+    :mod:`flexsparse.patterns.dash_cache`).
     """
 
     def __init__(
@@ -218,3 +222,19 @@ class DashAttention(_SparseSelfAttention):
         else:
             o = res
         return self._finish(o)
+
+    def new_cache(self, batch: int, capacity: int, *, dtype=None, device=None) -> DashKVCache:
+        """An empty :class:`~flexsparse.patterns.dash_cache.DashKVCache` for this layer: keys,
+        values ``[batch, kv_heads, capacity, head_dim]`` and the summaries of completed chunks.
+        The summaries depend on this layer's ``summary`` vector: a cache belongs to one layer."""
+        return DashKVCache(batch, self.kv_heads, capacity, self.head_dim, chunk_size=self.chunk_size, dtype=dtype,
+                           device=device)
+
+    def prefill(self, x: Tensor, cache: DashKVCache) -> Tensor:
+        """``forward(x)`` for a prompt ``x [B, N, dim]`` that also fills the empty ``cache``."""
+        return dash_module_prefill(self, x, cache)
+
+    def step(self, x: Tensor, cache: DashKVCache, **decode_kwargs) -> Tensor:
+        """Decode ``x [B, q_len, dim]`` (the next ``q_len`` tokens) against ``cache``, appending
+        them: ``[B, q_len, dim]``. Inference only (no gradients); entmax router only."""
+        return dash_module_step(self, x, cache, **decode_kwargs)
