@@ -59,8 +59,8 @@ def _check_router_inputs(q, kbar, chunk_size) -> tuple[int, int, int, int, int, 
         or kbar.shape[3] != D
     ):
         raise ValueError(
-            f"kbar must be a floating-point tensor of shape {_fmt('B, Hkv, N // C, D', [B, '?', nF, D])} (q is [B, Hq, N, D] = "
-            f"{list(q.shape)}, chunk_size C = {C}), got {_shape(kbar)}"
+            f"kbar must be a floating-point tensor of shape {_fmt('B, Hkv, N // C, D', [B, '?', nF, D])} "
+            f"(q is [B, Hq, N, D] = {list(q.shape)}, chunk_size C = {C}), got {_shape(kbar)}"
         )
     Hkv = kbar.shape[1]
     if Hkv < 1 or Hq % Hkv != 0:
