@@ -437,7 +437,8 @@ def _router_tau_op(q: Tensor, kbar: Tensor, chunk_size: int, zscale: float, max_
 def router_tau(q: Tensor, kbar: Tensor, chunk_size: int, zscale: float, *, max_iter: int = 40) -> Tensor:
     """Registered :func:`flexsparse.kernels.router.router_tau`: float32 ``tau [B, Hq, N]`` for
     ``q [B, Hq, N, D]`` and chunk summaries ``kbar [B, Hkv, N // C, D]`` (one dtype), ``zscale =
-    gamma * scale``; ``+inf`` on rows without a past chunk. No gradient."""
+    gamma * scale``; ``+inf`` on rows without a past chunk; ``max_iter`` solver passes at most
+    (40 = ``kernels.router.MAX_ITER``). No gradient."""
     if _eager(q, kbar):
         return _kernels("router").router_tau(q, kbar, chunk_size, zscale, max_iter=max_iter)
     return torch.ops.flexsparse.router_tau(q.detach(), kbar.detach(), chunk_size, zscale, max_iter)
