@@ -23,6 +23,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from flexsparse import reference
 from flexsparse.patterns.blockmask import _normalize_block_size
 from flexsparse.patterns.dash import dash_attention_flex
+from flexsparse.patterns.dash_triton import dash_attention_triton
 from flexsparse.patterns.drop import drop_block_mask
 from flexsparse.patterns.hash import hash_block_mask
 from flexsparse.patterns.permuted import PermutedBlockMask
@@ -208,8 +209,10 @@ def dash_attention(
         estimate_diagonal, sigma: prior mode (see :func:`flexsparse.reference.dash_log_prior`).
         scale: logit scale, default ``1 / sqrt(D)``.
         backend: ``"reference"`` (dense oracle), ``"flex"`` (Triton router and mask kernels +
-            FlexAttention, :func:`flexsparse.patterns.dash.dash_attention_flex`) or ``"auto"``
-            (flex on CUDA; on CPU flex without gradients, else the reference).
+            FlexAttention, :func:`flexsparse.patterns.dash.dash_attention_flex`), ``"triton"``
+            (the fused token-level Triton kernels, :func:`flexsparse.patterns.dash_triton.dash_attention_triton`;
+            entmax router; CUDA, or CPU under ``TRITON_INTERPRET=1``; not yet tuned on the GPU) or
+            ``"auto"`` (flex on CUDA; on CPU flex without gradients, else the reference).
         router: ``"entmax"`` or ``"topk"`` (needs ``top_k``).
         q_block, kernel_options: FlexAttention query block and kernel options (flex backend).
         return_stats: also return ``{"kept_fraction", "sparsity"}`` (0-d float32 tensors, no
@@ -228,6 +231,13 @@ def dash_attention(
         raise ValueError("router='topk' needs top_k (past chunks kept per query)")
     if router == "entmax" and top_k is not None:
         raise ValueError("top_k is only used with router='topk'")
+    if backend == "triton":
+        if router != "entmax":
+            raise ValueError("backend='triton' implements the entmax router only (use 'flex' or 'reference' for top-k)")
+        return dash_attention_triton(
+            q, k, v, w, chunk_size=C, gamma=gamma, estimate_diagonal=estimate_diagonal, sigma=sigma, scale=scale,
+            return_stats=return_stats,
+        )
     backend = _choose_backend(backend, q, k, v, w)
     if backend == "reference":
         if router == "topk":
