@@ -115,16 +115,60 @@ def _log_prior(pbar, ccols, ci_r, rvalid, mu, inv_sigma, ESTIMATE: tl.constexpr)
     return tl.where(sel, lg, tl.where(diag, 0.0, -_INF)), sel
 
 
+@triton.jit
+def _fwd_tile(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, m_i, l_i, acc, qk2,
+              dcols, dmask, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax update with keys ``c * C + j0 + [0, BLOCK_N)`` of chunk ``c``."""
+    koff = j0 + tl.arange(0, BLOCK_N)
+    kpos = c * C + koff
+    kvalid = (koff < C) & (kpos < N)
+    kvo = kv_base + kpos[:, None].to(tl.int64) * D + dcols[None, :]
+    kvm = kvalid[:, None] & dmask[None, :]
+    k = tl.load(k_ptr + kvo, mask=kvm, other=0.0)
+    v = tl.load(v_ptr + kvo, mask=kvm, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2 + lp2[:, None]
+    allowed = act_m[:, None] & kvalid[None, :] & (kpos[None, :] <= rows[:, None])
+    s = tl.where(allowed, s, -_INF)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == -_INF, 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dq_tile(q, do, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, lse, delta, dq, dl_m,
+             qk2, dcols, dmask, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``dq += dS K`` and ``dl_m += rowsum(dS)`` with keys ``c * C + j0 + [0, BLOCK_N)``."""
+    koff = j0 + tl.arange(0, BLOCK_N)
+    kpos = c * C + koff
+    kvalid = (koff < C) & (kpos < N)
+    kvo = kv_base + kpos[:, None].to(tl.int64) * D + dcols[None, :]
+    kvm = kvalid[:, None] & dmask[None, :]
+    k = tl.load(k_ptr + kvo, mask=kvm, other=0.0)
+    v = tl.load(v_ptr + kvo, mask=kvm, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2 + lp2[:, None]
+    allowed = act_m[:, None] & kvalid[None, :] & (kpos[None, :] <= rows[:, None])
+    p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    dl_m += tl.sum(ds, 1)
+    return dq, dl_m
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 
 
-@triton.jit(do_not_specialize=["Hkv", "G", "N", "NF", "C", "D", "xs", "qk2", "inv_g", "inv_sigma"])
+@triton.jit(do_not_specialize=["Hkv", "G", "N", "NF", "C", "xs", "qk2", "inv_g", "inv_sigma"])
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, kb_ptr, tau_ptr, o_ptr, lse_ptr, mu_ptr, cnt_ptr,
     Hkv, G, N, NF, C, D, xs, qk2, inv_g, inv_sigma,
     ESTIMATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_NC: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_NC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bk = tl.program_id(1).to(tl.int64)  # b * Hkv + KV head
@@ -182,24 +226,13 @@ def _fwd_kernel(
             lp_c = tl.sum(tl.where(ccols[None, :] == c, lp, 0.0), 1)  # [BLOCK_R]
             lp2 = _stack(lp_c, BLOCK_G, BLOCK_R) * _LOG2E
             act_m = (lp2 > -_INF) & mvalid
-            for j0 in range(0, C, BLOCK_N):
-                koff = j0 + tl.arange(0, BLOCK_N)
-                kpos = c * C + koff
-                kvalid = (koff < C) & (kpos < N)
-                kvo = kv_base + kpos[:, None].to(tl.int64) * D + dcols[None, :]
-                kvm = kvalid[:, None] & dmask[None, :]
-                k = tl.load(k_ptr + kvo, mask=kvm, other=0.0)
-                v = tl.load(v_ptr + kvo, mask=kvm, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2 + lp2[:, None]
-                allowed = act_m[:, None] & kvalid[None, :] & (kpos[None, :] <= rows[:, None])
-                s = tl.where(allowed, s, -_INF)
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = tl.where(m_new == -_INF, 0.0, m_new)
-                alpha = tl.exp2(m_i - m_use)
-                p = tl.exp2(s - m_use[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-                m_i = m_new
+            if ONE_SUB:  # the chunk is one K/V tile: this loop is innermost (pipelined)
+                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, kv_base, c, 0, C, N, D, rows, lp2, act_m,
+                                          m_i, l_i, acc, qk2, dcols, dmask, BLOCK_N, DOT_PREC)
+            else:
+                for j0 in range(0, C, BLOCK_N):
+                    m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m,
+                                              m_i, l_i, acc, qk2, dcols, dmask, BLOCK_N, DOT_PREC)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -213,14 +246,14 @@ def _fwd_kernel(
 # backward: dq, Delta, d pbar, activity flags
 
 
-@triton.jit(do_not_specialize=["Hkv", "G", "N", "NF", "NCH", "NQB", "C", "D", "xs", "qk2", "scale",
+@triton.jit(do_not_specialize=["Hkv", "G", "N", "NF", "NCH", "NQB", "C", "xs", "qk2", "scale",
                                "inv_g", "inv_sigma"])
 def _bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, kb_ptr, tau_ptr, o_ptr, do_ptr, lse_ptr, mu_ptr,
     dq_ptr, delta_ptr, dpbar_ptr, flag_ptr,
     Hkv, G, N, NF, NCH, NQB, C, D, xs, qk2, scale, inv_g, inv_sigma,
     ESTIMATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_NC: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_NC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bk = tl.program_id(1).to(tl.int64)
@@ -274,21 +307,13 @@ def _bwd_dq_kernel(
             lp2 = _stack(lp_c, BLOCK_G, BLOCK_R) * _LOG2E
             act_m = (lp2 > -_INF) & mvalid
             dl_m = tl.zeros([M], tl.float32)
-            for j0 in range(0, C, BLOCK_N):
-                koff = j0 + tl.arange(0, BLOCK_N)
-                kpos = c * C + koff
-                kvalid = (koff < C) & (kpos < N)
-                kvo = kv_base + kpos[:, None].to(tl.int64) * D + dcols[None, :]
-                kvm = kvalid[:, None] & dmask[None, :]
-                k = tl.load(k_ptr + kvo, mask=kvm, other=0.0)
-                v = tl.load(v_ptr + kvo, mask=kvm, other=0.0)
-                s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2 + lp2[:, None]
-                allowed = act_m[:, None] & kvalid[None, :] & (kpos[None, :] <= rows[:, None])
-                p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-                ds = p * (dp - delta[:, None])
-                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
-                dl_m += tl.sum(ds, 1)
+            if ONE_SUB:
+                dq, dl_m = _dq_tile(q, do, k_ptr, v_ptr, kv_base, c, 0, C, N, D, rows, lp2, act_m, lse,
+                                    delta, dq, dl_m, qk2, dcols, dmask, BLOCK_N, DOT_PREC)
+            else:
+                for j0 in range(0, C, BLOCK_N):
+                    dq, dl_m = _dq_tile(q, do, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, lse,
+                                        delta, dq, dl_m, qk2, dcols, dmask, BLOCK_N, DOT_PREC)
             dl_r = _group_sum(dl_m, BLOCK_G, BLOCK_R)
             dl = tl.where(ccols[None, :] == c, dl_r[:, None], dl)
         dl = tl.where(sel, dl, 0.0)  # the diagonal chunk's prior is a constant
@@ -324,7 +349,7 @@ def _bwd_dq_kernel(
 # backward: dk, dv (one program per BLOCK_N keys of one chunk)
 
 
-@triton.jit(do_not_specialize=["Hkv", "G", "N", "NF", "NCH", "NQB", "NSUB", "C", "D", "xs", "qk2",
+@triton.jit(do_not_specialize=["Hkv", "G", "N", "NF", "NCH", "NQB", "NSUB", "C", "xs", "qk2",
                                "scale", "inv_g", "inv_sigma"])
 def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, kb_ptr, tau_ptr, do_ptr, lse_ptr, delta_ptr, mu_ptr, flag_ptr,
@@ -421,35 +446,37 @@ def _block_d(D: int) -> int:
 _CONFIG_KEYS = ("BLOCK_R", "BLOCK_N", "BLOCK_NC", "FLAG_T", "num_warps", "num_stages")
 
 
-def attn_config(G: int, D: int, C: int, device: torch.device, *, backward: bool = False,
-                blocks: dict | None = None) -> dict:
+def attn_config(G: int, D: int, C: int, device: torch.device, *, dtype: torch.dtype = torch.bfloat16,
+                backward: bool = False, blocks: dict | None = None) -> dict:
     """Tile configuration of the kernels, as a dict of their meta-parameters.
 
     * ``BLOCK_G = next_pow2(G)`` heads and ``BLOCK_R`` positions per program (``M = BLOCK_G *
       BLOCK_R`` stacked rows, at least 16; default ``M = 64`` on the GPU: one warpgroup's wgmma
       rows). The dq and dk/dv kernels must share ``BLOCK_R`` (the flags are per query block).
-    * ``BLOCK_N`` keys per K/V sub-tile (``min(next_pow2(C), 64)``): a chunk is loaded in
-      ``ceil(C / BLOCK_N)`` sub-tiles (and the dk/dv grid has that many programs per chunk).
+    * ``BLOCK_N`` keys per K/V sub-tile (``min(next_pow2(C), 64)``, 32 for rows of 512 bytes,
+      16 beyond: bf16 D = 256, float32 D >= 128): a chunk is loaded in ``ceil(C / BLOCK_N)``
+      sub-tiles (and the dk/dv grid has that many programs per chunk).
     * ``BLOCK_NC`` chunks per routing tile (32 on the GPU, 16 on the CPU interpreter).
     * ``FLAG_T`` query blocks per flag vector of the dk/dv walk.
     * ``num_warps``, ``num_stages``.
 
     ``blocks`` overrides any of these keys (``BLOCK_R``, ``BLOCK_N``, ``BLOCK_NC``, ``FLAG_T``,
-    ``num_warps``, ``num_stages``). These defaults are untuned starting points.
+    ``num_warps``, ``num_stages``). The GPU defaults compile for sm_90 with wgmma, at most a
+    few bytes of register spills for bf16/fp16 at D <= 128 (ptxas, both prior modes), and fit
+    shared memory up to D = 256 (float32 included); they are untimed starting points.
     """
     bd = _block_d(D)
     block_g = triton.next_power_of_2(G)
+    row_bytes = bd * torch.empty((), dtype=dtype).element_size()
+    cap = 64 if row_bytes <= 256 else (32 if row_bytes <= 512 else 16)
     cfg = {
         "BLOCK_R": max(1, 64 // block_g),
-        "BLOCK_N": max(16, min(triton.next_power_of_2(C), 64)),
+        "BLOCK_N": max(16, min(triton.next_power_of_2(C), cap)),
         "BLOCK_NC": 32,
         "FLAG_T": 64,
-        "num_warps": 4,
-        "num_stages": 3 if bd <= 64 else 2,
+        "num_warps": 4 if bd <= 64 else 8,
+        "num_stages": 3 if bd <= 64 and not backward else 2,
     }
-    if backward:
-        cfg["num_warps"] = 4 if bd <= 64 else 8
-        cfg["num_stages"] = 2
     if device.type != "cuda":
         cfg["BLOCK_NC"] = 16
         cfg["FLAG_T"] = 16
@@ -524,13 +551,14 @@ def dash_attn_forward(
         out, lse, mu, counts = outs
     if q.numel() == 0:
         return out, lse, mu, counts
-    cfg = attn_config(G, D, chunk_size, dev, blocks=blocks)
+    cfg = attn_config(G, D, chunk_size, dev, dtype=q.dtype, blocks=blocks)
     grid = (triton.cdiv(N, cfg["BLOCK_R"]), B * Hkv)
     _fwd_kernel[grid](
         q, k, v, kbar, tau, out, lse, mu if estimate_diagonal else lse, counts,
         Hkv, G, N, NF, chunk_size, D, cs["xs"], cs["qk2"], cs["inv_g"], 1.0 / float(sigma),
         ESTIMATE=bool(estimate_diagonal), BLOCK_G=cfg["BLOCK_G"], BLOCK_R=cfg["BLOCK_R"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_NC=cfg["BLOCK_NC"], BLOCK_D=_block_d(D),
+        ONE_SUB=chunk_size <= cfg["BLOCK_N"],
         DOT_PREC=_dot_prec(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse, mu, counts
@@ -585,7 +613,7 @@ def dash_attn_backward(
         dq, dk, dv, dpbar = outs
     if q.numel() == 0:
         return dq, dk, dv, dpbar
-    cfg = attn_config(G, D, C, dev, backward=True, blocks=blocks)
+    cfg = attn_config(G, D, C, dev, dtype=q.dtype, backward=True, blocks=blocks)
     BR, BN = cfg["BLOCK_R"], cfg["BLOCK_N"]
     NQB = triton.cdiv(N, BR)
     delta = torch.empty(B, Hq, N, dtype=torch.float32, device=dev)
@@ -600,7 +628,7 @@ def dash_attn_backward(
     _bwd_dq_kernel[(NQB, B * Hkv)](
         q, k, v, kbar, tau, out, dout, lse, mu_arg, dq, delta, dpbar, flags,
         Hkv, G, N, NF, NCH, NQB, C, D, cs["xs"], cs["qk2"], float(scale), cs["inv_g"], inv_sigma,
-        BLOCK_NC=cfg["BLOCK_NC"], **common,
+        BLOCK_NC=cfg["BLOCK_NC"], ONE_SUB=C <= BN, **common,
     )
     nsub = triton.cdiv(C, BN)
     _bwd_dkdv_kernel[(NCH * nsub, B * Hkv)](
