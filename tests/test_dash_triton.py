@@ -17,7 +17,11 @@ reference's own error (x 5, plus 1e-4 of the gradient's scale) as the bound.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,7 +88,7 @@ def _run(inputs, dtype, fn, do):
 
 
 def _check_against_reference(inputs, kw, *, blocks=None, dtype=torch.float32, factor=2.0, rel_floor=0.0):
-    do = torch.randn(inputs[0].shape, device=inputs[0].device, dtype=torch.float32)
+    do = torch.randn(inputs[0].shape, device=inputs[0].device).to(dtype).float()  # exact at `dtype`
     out, grads, stats = _run(inputs, dtype, lambda *x: dash_attention_triton(*x, return_stats=True, blocks=blocks, **kw), do)
     out64, g64, _ = _run(inputs, F64, lambda *x: R.dash_attention(*x, **kw), do)
     outl, gl, _ = _run(inputs, dtype, lambda *x: R.dash_attention(*x, **kw), do)
@@ -265,6 +269,82 @@ def test_config_and_validation():
     e = torch.zeros(1, 4, 0, 16)
     out, stats = dash_attention_triton(e, e[:, :2], e[:, :2], w, chunk_size=16, return_stats=True)
     assert out.shape == e.shape and stats["kept_fraction"].item() == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# the kernels compiled for the H100 (sm_90) here, without a GPU
+# --------------------------------------------------------------------------------------------
+
+
+_SM90_SCRIPT = r"""
+import json, os, re, subprocess, sys, tempfile
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from flexsparse.kernels import dash_attn as K
+
+FLOATS = ("xs", "qk2", "scale", "inv_g", "inv_sigma")
+bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+results = []
+for D, G, est, dtype in [(128, 16, False, "bf16"), (128, 1, True, "fp16"), (64, 16, False, "bf16")]:
+    tdt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    for name in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"):
+        fn = getattr(K, name)
+        cfg = K.attn_config(G, D, 64, torch.device("cuda"), dtype=tdt, backward=name != "_fwd_kernel")
+        consts = dict(ESTIMATE=est, BLOCK_G=cfg["BLOCK_G"], BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"],
+                      BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PREC="tf32")
+        if name == "_bwd_dkdv_kernel":
+            consts["FLAG_T"] = cfg["FLAG_T"]
+        else:
+            consts.update(BLOCK_NC=cfg["BLOCK_NC"], ONE_SUB=True)
+        sig, attrs = {}, {}
+        for i, a in enumerate(fn.arg_names):
+            if a in consts:
+                sig[a] = "constexpr"
+            elif a.endswith("_ptr"):
+                sig[a] = "*" + {"cnt_ptr": "i32", "flag_ptr": "i8"}.get(a, "fp32" if a[:2] in ("lse", "mu", "tau", "del", "dp", "dq") else dtype)
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            else:
+                sig[a] = "fp32" if a in FLOATS else "i32"
+                if a == "D":
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]})
+        ptx = k.asm["ptx"]
+        spills = None
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        for exe in ("ptxas-blackwell", "ptxas"):
+            r = subprocess.run([os.path.join(bin_dir, exe), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                               capture_output=True, text=True)
+            m = re.search(r"(\d+) bytes spill stores", r.stderr)
+            if r.returncode == 0 and m:
+                spills = int(m.group(1))
+                break
+        results.append(dict(kernel=name, D=D, G=G, est=est, dtype=dtype, shared=k.metadata.shared,
+                            wgmma="wgmma.mma_async" in ptx, spills=spills))
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.triton
+def test_kernels_compile_for_sm90():
+    """The three kernels compile for the H100 (TTIR -> PTX, then ptxas): wgmma tensor-core dots,
+    shared memory within sm_90's 227 KiB, and (where ptxas runs here) at most a few bytes of
+    register spills with the default tiles."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 9
+    for r in results:
+        assert r["wgmma"], r
+        assert r["shared"] <= 232448, r
+        assert r["spills"] is None or r["spills"] <= 64, r
 
 
 # --------------------------------------------------------------------------------------------
