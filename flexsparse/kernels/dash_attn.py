@@ -57,7 +57,6 @@ products (as FlashAttention does); float32 inputs use IEEE-precision dots (inter
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

@@ -140,7 +140,9 @@ def dash_attention_triton(
 
     kbar = reference.chunk_summaries(k, w, C)
     tau = router_tau(q, kbar, chunk_size=C, gamma=gamma, scale=scale, impl="triton")
-    out, counts = _DashTritonFn.apply(q, k, v, kbar, tau, C, zscale, scale, bool(estimate_diagonal), float(sigma), blocks)
+    out, counts = _DashTritonFn.apply(
+        q, k, v, kbar, tau, C, zscale, scale, bool(estimate_diagonal), float(sigma), blocks
+    )
     if not return_stats:
         return out
     kept, sp = dash_sparsity(counts, chunk_size=C)
