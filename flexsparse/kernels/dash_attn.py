@@ -44,19 +44,21 @@ Kernels:
   (sigma pbar)`` (a second routing pass rewrites the raw values once the row mean is known).
   It also writes the block-level activity flags (int8 ``[B, Hkv, nC, nQB]``, chunk-major).
 * ``_bwd_dkdv_kernel``, grid ``(nC * cdiv(C, BLOCK_N), B * Hkv)``: one program per ``BLOCK_N``
-  keys of one chunk; it walks the query blocks that can see them, skipping (64 at a time, from
-  the flags) those that do not attend the chunk, recomputes the routing of the chunk for the
+  keys of one chunk; it walks the query blocks that can see them, skipping (``FLAG_T`` at a time,
+  from the flags) those that do not attend the chunk, recomputes the routing of the chunk for the
   block's rows and accumulates ``dV += P^T dO``, ``dK += scale dS^T Q``. No atomics anywhere.
 
 ``d pbar`` goes to :func:`flexsparse.kernels.router.router_backward`, which gives the router's
 share of ``dq`` and ``d kbar``.
+
+The head dim ``D`` is specialised (it is the row stride: 16-divisibility gives vectorised,
+async-copy-pipelined K/V loads); sequence sizes are not, so new lengths do not recompile.
 
 Numerics: float32 accumulation; ``P`` and ``dS`` are cast to the input dtype for the tensor-core
 products (as FlashAttention does); float32 inputs use IEEE-precision dots (interpreter / CI).
 """
 
 from __future__ import annotations
-
 
 import torch
 import triton
