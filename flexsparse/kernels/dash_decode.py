@@ -60,6 +60,8 @@ import torch
 import triton
 import triton.language as tl
 
+from flexsparse.kernels.router import _tau_bracket, _tau_step
+
 __all__ = ["MAX_ITER", "cache_append", "decode_attention", "decode_route", "decode_scores", "default_num_splits"]
 
 # Solver passes after the max pass (bisection alone closes a bracket of width 1 in ~22).
@@ -138,15 +140,7 @@ def _tau_kernel(
         m = tl.maximum(m, tl.max(x, 0))
         sx += tl.sum(tl.where(valid, x, 0.0), 0)
 
-    has = ci > 0
-    n = tl.maximum(ci, 1).to(tl.float32)
-    rs = 1.0 / tl.sqrt(n)
-    m = tl.where(has, m, 0.0)
-    # f(m - 1/sqrt(n)) <= 0 and f(max(m - 1, mean - 1/sqrt(n))) >= 0: the root lies between
-    hi = m - rs
-    lo = tl.minimum(tl.maximum(m - 1.0, sx / n - rs), hi)
-    tol = 4e-7 * (tl.abs(m) + 1.0)
-    done = (hi - lo <= tol) | (ci == 0)
+    has, lo, hi, tol, done = _tau_bracket(m, sx, ci)
     tau = lo
     it = 0
     while (done == 0) & (it < MAX_ITER):
@@ -167,27 +161,7 @@ def _tau_kernel(
             cnt += tl.sum(pos.to(tl.float32), 0)
             min_in = tl.minimum(min_in, tl.min(tl.where(pos, a, _INF), 0))
             max_out = tl.maximum(max_out, tl.max(tl.where(valid & (a <= 0), a, -_INF), 0))
-        f = a2 - 1.0
-        disc = a1 * a1 - cnt * f
-        has_root = disc >= 0
-        den = a1 + tl.sqrt(tl.maximum(disc, 0.0))
-        d = tl.where(den > 0, f / tl.where(den > 0, den, 1.0), lo - tau)
-        piece = tau + d  # root of f restricted to the current support
-        exact = has_root & (d >= max_out) & (d < min_in)  # ... and that support is the final one
-        left = f > 0
-        newton = tau + f / tl.where(a1 > 0, 2.0 * a1, 1.0)
-        lo_n = tl.where(left, tl.maximum(lo, newton), tl.where(has_root, tl.maximum(lo, piece), lo))
-        hi_n = tl.where(left, tl.where(has_root, tl.minimum(hi, piece), hi), tl.minimum(hi, tau))
-        hden = 4.0 * a1 * a1 - f * cnt
-        halley = tau + 2.0 * f * a1 / tl.where(hden != 0, hden, 1.0)
-        halley = tl.where(hden != 0, halley, lo_n - 1.0)  # (out of the bracket: bisect)
-        cand = tl.where(has_root, piece, halley)
-        inside = (cand >= lo_n) & (cand <= hi_n)
-        cand = tl.where(inside, cand, 0.5 * (lo_n + hi_n))
-        tau = tl.where(exact, piece, cand)
-        lo = lo_n
-        hi = hi_n
-        done = exact | (hi_n - lo_n <= tol)
+        tau, lo, hi, done = _tau_step(tau, lo, hi, tol, a1, a2, cnt, min_in, max_out)
         it += 1
     tl.store(tau_ptr + row, tl.where(has, tau, _INF))
 

@@ -72,6 +72,51 @@ def _chunk_scores(q, kb_ptr, cols, cmask, dcols, dmask, skc, xs, DOT_PREC: tl.co
 # forward: tau
 
 
+@triton.jit
+def _tau_bracket(m, sx, ci):
+    """Starting bracket of the 1.5-entmax threshold from the row maximum ``m`` and sum ``sx`` of
+    ``x = z/2`` over the row's ``ci`` chunks (scalars or vectors): ``f(m - 1/sqrt(n)) <= 0`` and
+    ``f(max(m - 1, mean - 1/sqrt(n))) >= 0``. Returns ``(has, lo, hi, tol, done)``."""
+    has = ci > 0
+    n = tl.maximum(ci, 1).to(tl.float32)
+    rs = 1.0 / tl.sqrt(n)
+    m = tl.where(has, m, 0.0)
+    hi = m - rs
+    lo = tl.minimum(tl.maximum(m - 1.0, sx / n - rs), hi)
+    tol = 4e-7 * (tl.abs(m) + 1.0)
+    done = (hi - lo <= tol) | (ci == 0)
+    return has, lo, hi, tol, done
+
+
+@triton.jit
+def _tau_step(tau, lo, hi, tol, a1, a2, cnt, min_in, max_out):
+    """One step of the threshold solver from the support statistics at ``tau`` (``a1 = sum a``,
+    ``a2 = sum a^2``, ``cnt`` = support size over ``a = x - tau > 0``; ``min_in`` the smallest
+    ``a`` inside, ``max_out`` the largest outside): the closed-form root on the current support
+    (final when that support is consistent), else a Halley step, bisecting whenever a step leaves
+    the bracket, which Newton and closed-form bounds tighten (f is convex and decreasing).
+    Returns ``(tau, lo, hi, finished)``."""
+    f = a2 - 1.0
+    disc = a1 * a1 - cnt * f
+    has_root = disc >= 0
+    den = a1 + tl.sqrt(tl.maximum(disc, 0.0))
+    d = tl.where(den > 0, f / tl.where(den > 0, den, 1.0), lo - tau)
+    piece = tau + d  # root of the quadratic f is on the current support
+    exact = has_root & (d >= max_out) & (d < min_in)  # ... and that support is the final one
+    left = f > 0
+    newton = tau + f / tl.where(a1 > 0, 2.0 * a1, 1.0)
+    lo_n = tl.where(left, tl.maximum(lo, newton), tl.where(has_root, tl.maximum(lo, piece), lo))
+    hi_n = tl.where(left, tl.where(has_root, tl.minimum(hi, piece), hi), tl.minimum(hi, tau))
+    hden = 4.0 * a1 * a1 - f * cnt
+    halley = tau + 2.0 * f * a1 / tl.where(hden != 0, hden, 1.0)
+    halley = tl.where(hden != 0, halley, lo_n - 1.0)  # (out of the bracket: bisect)
+    cand = tl.where(has_root, piece, halley)
+    inside = (cand >= lo_n) & (cand <= hi_n)
+    cand = tl.where(inside, cand, 0.5 * (lo_n + hi_n))
+    cand = tl.where(exact, piece, cand)
+    return cand, lo_n, hi_n, exact | (hi_n - lo_n <= tol)
+
+
 @triton.jit(do_not_specialize=["Hq", "G", "N", "NF", "C", "D", "xs"])
 def _tau_kernel(
     q_ptr, kb_ptr, tau_ptr,
@@ -108,14 +153,7 @@ def _tau_kernel(
         m = tl.maximum(m, tl.max(tl.where(valid, x, -_INF), 1))
         sx += tl.sum(tl.where(valid, x, 0.0), 1)
 
-    has = ci > 0
-    n = tl.maximum(ci, 1).to(tl.float32)
-    rs = 1.0 / tl.sqrt(n)
-    m = tl.where(has, m, 0.0)
-    hi = m - rs
-    lo = tl.minimum(tl.maximum(m - 1.0, sx / n - rs), hi)
-    tol = 4e-7 * (tl.abs(m) + 1.0)
-    done = (hi - lo <= tol) | (ci == 0)
+    has, lo, hi, tol, done = _tau_bracket(m, sx, ci)
     tau = lo
 
     it = 0
@@ -138,25 +176,7 @@ def _tau_kernel(
             cnt += tl.sum(pos.to(tl.float32), 1)
             min_in = tl.minimum(min_in, tl.min(tl.where(pos, a, _INF), 1))
             max_out = tl.maximum(max_out, tl.max(tl.where(valid & (a <= 0), a, -_INF), 1))
-        f = a2 - 1.0
-        disc = a1 * a1 - cnt * f
-        has_root = disc >= 0
-        den = a1 + tl.sqrt(tl.maximum(disc, 0.0))
-        d = tl.where(den > 0, f / tl.where(den > 0, den, 1.0), lo - tau)
-        piece = tau + d  # root of the quadratic f is on the current support
-        exact = has_root & (d >= max_out) & (d < min_in)  # ... and that support is the final one
-        left = f > 0
-        newton = tau + f / tl.where(a1 > 0, 2.0 * a1, 1.0)
-        lo_n = tl.where(left, tl.maximum(lo, newton), tl.where(has_root, tl.maximum(lo, piece), lo))
-        hi_n = tl.where(left, tl.where(has_root, tl.minimum(hi, piece), hi), tl.minimum(hi, tau))
-        hden = 4.0 * a1 * a1 - f * cnt
-        halley = tau + 2.0 * f * a1 / tl.where(hden != 0, hden, 1.0)
-        halley = tl.where(hden != 0, halley, lo_n - 1.0)  # (out of the bracket: bisect)
-        cand = tl.where(has_root, piece, halley)
-        inside = (cand >= lo_n) & (cand <= hi_n)
-        cand = tl.where(inside, cand, 0.5 * (lo_n + hi_n))
-        cand = tl.where(exact, piece, cand)
-        finished = exact | (hi_n - lo_n <= tol)
+        cand, lo_n, hi_n, finished = _tau_step(tau, lo, hi, tol, a1, a2, cnt, min_in, max_out)
         tau = tl.where(done, tau, cand)
         lo = tl.where(done, lo, lo_n)
         hi = tl.where(done, hi, hi_n)
