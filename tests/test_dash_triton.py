@@ -41,8 +41,13 @@ LOG2E = 1.0 / math.log(2.0)
 # --------------------------------------------------------------------------------------------
 
 
-def _inputs(B, Hq, Hkv, N, D, dtype=torch.float32, device="cpu"):
-    q = torch.randn(B, Hq, N, D, device=device).to(dtype)
+def _inputs(B, Hq, Hkv, N, D, dtype=torch.float32, device="cpu", head_corr=False):
+    if head_corr:  # the G heads of a group share a direction (as trained GQA heads do)
+        G = Hq // Hkv
+        q = torch.randn(B, Hkv, 1, N, D, device=device) + 0.5 * torch.randn(B, Hkv, G, N, D, device=device)
+        q = q.reshape(B, Hq, N, D).to(dtype)
+    else:
+        q = torch.randn(B, Hq, N, D, device=device).to(dtype)
     k = torch.randn(B, Hkv, N, D, device=device).to(dtype)
     v = torch.randn(B, Hkv, N, D, device=device).to(dtype)
     w = (0.5 * torch.randn(Hkv, D, device=device)).to(dtype)
@@ -367,7 +372,9 @@ def test_kernels_compile_for_sm90():
 def test_gpu_matches_reference(N, D, G, dtype, estimate_diagonal):
     Hkv = 2 if G == 1 else 1
     C, gamma = 64, 16.0
-    inputs = _inputs(1, Hkv * G, Hkv, N, D, dtype=dtype, device="cuda")
+    # i.i.d. heads make the union over 16 heads nearly dense at N = 1000 (kept ~0.99); with
+    # correlated heads about 60-70% (N = 1000) and 40% (N = 4096) of the chunks are kept
+    inputs = _inputs(1, Hkv * G, Hkv, N, D, dtype=dtype, device="cuda", head_corr=G > 1)
     kw = dict(chunk_size=C, gamma=gamma, estimate_diagonal=estimate_diagonal)
     stats = _check_against_reference([t.float() for t in inputs], kw, dtype=dtype, factor=3.0)
     assert 0.05 < stats["kept_fraction"].item() < 0.95  # really sparse, really not empty
