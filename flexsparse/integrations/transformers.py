@@ -193,19 +193,20 @@ class FlexsparseAttention:
 
     def keep_masks(self, layer_idx: int, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
         """Keep masks (``"drop"``): bool ``q_keep [B, Hq, N]`` and ``k_keep [B, Hkv, N]``, each
-        entry kept with probability ``1 - drop_rate``. With ``seed=None`` drawn from torch's
-        global generator (fresh masks every call, like dropout); with an integer seed from a
-        generator seeded by ``(seed, layer_idx)`` (the same masks for every call of one shape)."""
+        entry kept with probability ``1 - drop_rate``. With ``seed=None`` drawn independently per
+        sequence from torch's global generator (fresh masks every call, like dropout); with an
+        integer seed drawn from a generator seeded by ``(seed, layer_idx)``, one draw shared by
+        all the sequences of the batch (the same masks for every call of one length)."""
         B, Hq, N = query.shape[:3]
         Hkv, dev = key.shape[1], query.device
         seed, rate = self.options["seed"], self.options["drop_rate"]
-        g = None
-        if seed is not None:
-            g = torch.Generator(device=dev)
-            g.manual_seed(_mix(seed, layer_idx))
-        q_keep = torch.rand(B, Hq, N, generator=g, device=dev) >= rate
-        k_keep = torch.rand(B, Hkv, N, generator=g, device=dev) >= rate
-        return q_keep, k_keep
+        if seed is None:
+            return torch.rand(B, Hq, N, device=dev) >= rate, torch.rand(B, Hkv, N, device=dev) >= rate
+        g = torch.Generator(device=dev)
+        g.manual_seed(_mix(seed, layer_idx))
+        q_keep = torch.rand(1, Hq, N, generator=g, device=dev) >= rate
+        k_keep = torch.rand(1, Hkv, N, generator=g, device=dev) >= rate
+        return q_keep.repeat(B, 1, 1), k_keep.repeat(B, 1, 1)
 
     def summary(self, module: nn.Module, key: Tensor) -> Tensor:
         """The DashAttention summary vectors ``w [Hkv, D]`` (``"dash"``, ``"dash_topk"``) in
@@ -412,8 +413,8 @@ def register(pattern: str, name: str | None = None, **options) -> FlexsparseAtte
             * ``"hash"``: ``n_buckets`` (even, default 16), ``seed`` (int, default 0: the LSH
               rotations of layer ``l`` are drawn from ``(seed, l)``), ``block_size`` (128).
             * ``"drop"``: ``drop_rate`` (in [0, 1), default 0.5), ``seed`` (None: fresh masks
-              every call from torch's generator; an int: fixed masks per layer and shape),
-              ``block_size`` (128).
+              for every sequence and call from torch's generator; an int: fixed masks per layer
+              and length, the same for every sequence of a batch), ``block_size`` (128).
             * ``"dash"``: ``chunk_size`` (64), ``gamma`` (1.0), ``estimate_diagonal`` (False),
               ``sigma`` (1.0), ``q_block`` (128).
             * ``"dash_topk"``: ``chunk_size`` (64), ``top_k`` (required), ``q_block`` (128).
