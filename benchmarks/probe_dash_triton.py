@@ -47,7 +47,8 @@ def main():
     ap.add_argument("--bwd", action="store_true")
     ap.add_argument("--bwd-seq", type=int, default=16384)
     ap.add_argument("--decode-ctx", type=int, default=131072)
-    ap.add_argument("--sweep", default="R=4,8;NC=32;W=4,8;S=1,2,3")
+    ap.add_argument("--sweep", default="R=4,8;NC=32;W=4,8;S=2,3")
+    ap.add_argument("--no-decode", action="store_true")
     args = ap.parse_args()
     res = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     N = args.seq
@@ -125,6 +126,8 @@ def main():
         del q, k, v, o
         torch.cuda.empty_cache()
 
+    if args.no_decode:
+        return
     # decode kernels
     L = args.decode_ctx
     q, k, v, w = inputs(1, L, seed=1)

@@ -164,12 +164,40 @@ def _dq_tile(q, do, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, lse
 # forward
 
 
-@triton.jit(do_not_specialize=["Hkv", "G", "N", "NF", "C", "xs", "qk2", "inv_g", "inv_sigma"])
+@triton.jit
+def _fwd_tile_past(q, k_ptr, v_ptr, kv_base, c, j0, C, D, lp2, m_i, l_i, acc, qk2, dcols, dmask,
+                   BLOCK_N: tl.constexpr, MASK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax update with keys ``c * C + j0 + [0, BLOCK_N)`` of a chunk that lies wholly
+    before the block's rows (complete, no causal mask). Rows that do not attend the chunk carry
+    ``lp2 = -inf``, which masks them without a select on the tile."""
+    koff = j0 + tl.arange(0, BLOCK_N)
+    kvo = kv_base + (c * C + koff)[:, None].to(tl.int64) * D + dcols[None, :]
+    if MASK_K:
+        kvm = (koff < C)[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + kvo, mask=kvm, other=0.0)
+        v = tl.load(v_ptr + kvo, mask=kvm, other=0.0)
+    else:
+        k = tl.load(k_ptr + kvo, mask=dmask[None, :], other=0.0)
+        v = tl.load(v_ptr + kvo, mask=dmask[None, :], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2 + lp2[:, None]
+    if MASK_K:
+        s = tl.where((koff < C)[None, :], s, -_INF)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == -_INF, 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["Hkv", "G", "N", "NF", "NCH", "C", "xs", "qk2", "inv_g", "inv_sigma"])
 def _fwd_kernel(
-    q_ptr, k_ptr, v_ptr, kb_ptr, tau_ptr, o_ptr, lse_ptr, mu_ptr, cnt_ptr,
-    Hkv, G, N, NF, C, D, xs, qk2, inv_g, inv_sigma,
+    q_ptr, k_ptr, v_ptr, kb_ptr, tau_ptr, o_ptr, lse_ptr, mu_ptr, cnt_ptr, ids_ptr, lpt_ptr,
+    Hkv, G, N, NF, NCH, C, D, xs, qk2, inv_g, inv_sigma,
     ESTIMATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_NC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_NC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_SUB: tl.constexpr, MASK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     bk = tl.program_id(1).to(tl.int64)  # b * Hkv + KV head
@@ -177,7 +205,8 @@ def _fwd_kernel(
     M: tl.constexpr = BLOCK_G * BLOCK_R
     mm = tl.arange(0, M)
     hh = mm // BLOCK_R
-    rows = row0 + mm % BLOCK_R
+    rl = mm % BLOCK_R
+    rows = row0 + rl
     mvalid = (hh < G) & (rows < N)
     qrow = (bk * G + hh) * N + rows  # flat row of q / o / tau / lse
     dcols = tl.arange(0, BLOCK_D)
@@ -189,9 +218,14 @@ def _fwd_kernel(
     rr = row0 + tl.arange(0, BLOCK_R)
     rvalid = rr < N
     ci_r = rr // C
+    first = row0 // C  # chunks >= first hold rows of the block (the diagonal ones)
     n_blk = (tl.minimum(row0 + BLOCK_R, N) - 1) // C + 1  # chunks 0 .. last chunk of the block
     kb_base = kb_ptr + bk * NF * D
     kv_base = bk * N * D
+    # this program's scratch: active chunk ids [NCH] and their log priors [NCH, BLOCK_R]
+    sbase = (bk * tl.cdiv(N, BLOCK_R) + pid) * NCH
+    ids_base = ids_ptr + sbase
+    lpt_base = lpt_ptr + sbase * BLOCK_R
 
     mu = tl.zeros([BLOCK_R], tl.float32)
     if ESTIMATE:
@@ -208,32 +242,48 @@ def _fwd_kernel(
         mu = slog / tl.maximum(nsel, 1).to(tl.float32)
         tl.store(mu_ptr + bk * N + rr, mu, mask=rvalid)
 
-    m_i = tl.full([M], -_INF, tl.float32)
-    l_i = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, BLOCK_D], tl.float32)
+    # phase 1: route every chunk of the block; write the compact list of the chunks some
+    # position attends (in order) and their log priors (natural log, -inf where a position
+    # does not attend the chunk) to the scratch
     count = tl.zeros([BLOCK_R], tl.int32)
+    n_tot = 0
     for t0 in range(0, n_blk, BLOCK_NC):
         ccols = t0 + tl.arange(0, BLOCK_NC)
         pbar = _route_tile(q, tau, ci_m, kb_base, ccols, NF, D, dcols, dmask, xs, inv_g,
                            BLOCK_G, BLOCK_R, BLOCK_NC, DOT_PREC)
         lp, sel = _log_prior(pbar, ccols, ci_r, rvalid, mu, inv_sigma, ESTIMATE)
         count += tl.sum(sel.to(tl.int32), 1)
-        # chunks of the tile that some position attends, compacted in order
-        active = tl.max((lp > -_INF).to(tl.int32), 0)  # [BLOCK_NC]
-        order = tl.cumsum(active, 0) - 1
-        n_act = tl.sum(active, 0)
-        for t in range(0, n_act):
-            c = tl.sum(tl.where((active > 0) & (order == t), ccols, 0), 0)
-            lp_c = tl.sum(tl.where(ccols[None, :] == c, lp, 0.0), 1)  # [BLOCK_R]
-            lp2 = _stack(lp_c, BLOCK_G, BLOCK_R) * _LOG2E
-            act_m = (lp2 > -_INF) & mvalid
-            if ONE_SUB:  # the chunk is one K/V tile: this loop is innermost (pipelined)
-                m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, kv_base, c, 0, C, N, D, rows, lp2, act_m,
-                                          m_i, l_i, acc, qk2, dcols, dmask, BLOCK_N, DOT_PREC)
-            else:
-                for j0 in range(0, C, BLOCK_N):
-                    m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m,
-                                              m_i, l_i, acc, qk2, dcols, dmask, BLOCK_N, DOT_PREC)
+        act = lp > -_INF
+        active = tl.max(act.to(tl.int32), 0)  # [BLOCK_NC]
+        slot = n_tot + tl.cumsum(active, 0) - 1
+        tl.store(ids_base + slot, ccols, mask=active > 0)
+        tl.store(lpt_base + slot[None, :] * BLOCK_R + tl.arange(0, BLOCK_R)[:, None], lp,
+                 mask=(active > 0)[None, :])
+        n_tot += tl.sum(active, 0)
+    tl.debug_barrier()  # the scratch is read back by other threads of the program
+
+    # phase 2: attention over the listed chunks; those before the block need no causal mask
+    n_tail = n_blk - first  # the diagonal chunks, always listed, at the end of the list
+    m_i = tl.full([M], -_INF, tl.float32)
+    l_i = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, BLOCK_D], tl.float32)
+    for t in range(0, n_tot - n_tail):
+        c = tl.load(ids_base + t)
+        lp2 = tl.load(lpt_base + t * BLOCK_R + rl, mask=mvalid, other=-_INF) * _LOG2E
+        if ONE_SUB:
+            m_i, l_i, acc = _fwd_tile_past(q, k_ptr, v_ptr, kv_base, c, 0, C, D, lp2, m_i, l_i, acc, qk2,
+                                           dcols, dmask, BLOCK_N, MASK_K, DOT_PREC)
+        else:
+            for j0 in range(0, C, BLOCK_N):
+                m_i, l_i, acc = _fwd_tile_past(q, k_ptr, v_ptr, kv_base, c, j0, C, D, lp2, m_i, l_i, acc,
+                                               qk2, dcols, dmask, BLOCK_N, MASK_K, DOT_PREC)
+    for t in range(n_tot - n_tail, n_tot):
+        c = tl.load(ids_base + t)
+        lp2 = tl.load(lpt_base + t * BLOCK_R + rl, mask=mvalid, other=-_INF) * _LOG2E
+        act_m = (lp2 > -_INF) & mvalid
+        for j0 in range(0, C, BLOCK_N):
+            m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m,
+                                      m_i, l_i, acc, qk2, dcols, dmask, BLOCK_N, DOT_PREC)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -475,7 +525,7 @@ def attn_config(G: int, D: int, C: int, device: torch.device, *, dtype: torch.dt
         "BLOCK_N": max(16, min(triton.next_power_of_2(C), cap)),
         "BLOCK_NC": 32,
         "FLAG_T": 64,
-        "num_warps": 4 if bd <= 64 else 8,
+        "num_warps": 4 if bd <= 128 else 8,
         "num_stages": 3 if bd <= 64 and not backward else 2,
     }
     if device.type != "cuda":
@@ -553,13 +603,17 @@ def dash_attn_forward(
     if q.numel() == 0:
         return out, lse, mu, counts
     cfg = attn_config(G, D, chunk_size, dev, dtype=q.dtype, blocks=blocks)
-    grid = (triton.cdiv(N, cfg["BLOCK_R"]), B * Hkv)
-    _fwd_kernel[grid](
-        q, k, v, kbar, tau, out, lse, mu if estimate_diagonal else lse, counts,
-        Hkv, G, N, NF, chunk_size, D, cs["xs"], cs["qk2"], cs["inv_g"], 1.0 / float(sigma),
+    nqb = triton.cdiv(N, cfg["BLOCK_R"])
+    nch = triton.cdiv(N, chunk_size)
+    # per-program scratch of the chunk lists (int32) and log priors (float32 x BLOCK_R)
+    ids = torch.empty(B * Hkv * nqb * nch, dtype=torch.int32, device=dev)
+    lpt = torch.empty(B * Hkv * nqb * nch * cfg["BLOCK_R"], dtype=torch.float32, device=dev)
+    _fwd_kernel[(nqb, B * Hkv)](
+        q, k, v, kbar, tau, out, lse, mu if estimate_diagonal else lse, counts, ids, lpt,
+        Hkv, G, N, NF, nch, chunk_size, D, cs["xs"], cs["qk2"], cs["inv_g"], 1.0 / float(sigma),
         ESTIMATE=bool(estimate_diagonal), BLOCK_G=cfg["BLOCK_G"], BLOCK_R=cfg["BLOCK_R"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_NC=cfg["BLOCK_NC"], BLOCK_D=_block_d(D),
-        ONE_SUB=chunk_size <= cfg["BLOCK_N"],
+        ONE_SUB=chunk_size <= cfg["BLOCK_N"], MASK_K=chunk_size % cfg["BLOCK_N"] != 0,
         DOT_PREC=_dot_prec(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out, lse, mu, counts
