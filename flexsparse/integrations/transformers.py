@@ -48,7 +48,7 @@ __all__ = [
 
 #: The oldest transformers release this integration supports (``AttentionInterface`` and
 #: ``AttentionMaskInterface`` both present, masks built with ``q_length``/``q_offset``).
-MIN_TRANSFORMERS = "5.0.0"
+MIN_TRANSFORMERS = "4.53.0"
 
 #: Name of the optional per-layer DashAttention summary parameter ``[Hkv, D]`` on an attention
 #: module (see :func:`add_dash_summaries`).
@@ -251,6 +251,10 @@ class FlexsparseAttention:
                 f"cannot apply the mask the model asked for ({what}): sliding-window, chunked, bidirectional, "
                 "packed-sequence and custom mask overlays are not supported"
             )
+        cache_position = kwargs.get("cache_position")
+        if q_length is None and cache_position is not None:  # older transformers pass cache positions
+            q_length = cache_position.shape[0]
+            q_offset = cache_position[0] if q_length else 0
         _check_full_sequence(self.name, q_length, kv_length, q_offset, kv_offset)
         if attention_mask is None:
             return None
