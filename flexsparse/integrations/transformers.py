@@ -75,14 +75,16 @@ def _import_transformers():
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
     except ImportError as e:
-        raise ImportError(f"{hint}; found transformers {transformers.__version__} without AttentionMaskInterface") from e
+        found = f"found transformers {transformers.__version__} without AttentionMaskInterface"
+        raise ImportError(f"{hint}; {found}") from e
     return AttentionInterface, AttentionMaskInterface, causal_mask_function
 
 
 AttentionInterface, AttentionMaskInterface, _causal_mask_function = _import_transformers()
 
 # names transformers defines itself: never overwritten
-_RESERVED = frozenset(AttentionInterface._global_mapping) | frozenset(AttentionMaskInterface._global_mapping) | {"eager"}
+_RESERVED = frozenset(AttentionInterface._global_mapping) | frozenset(AttentionMaskInterface._global_mapping)
+_RESERVED |= {"eager"}
 
 _COMMON = {"backend": "auto", "kernel_options": None}
 #: The patterns and their options with defaults.
@@ -104,7 +106,9 @@ def _is_int(x) -> bool:
 
 def _check_options(pattern: str, opts: dict) -> None:
     if opts["backend"] not in _BACKENDS[pattern]:
-        raise ValueError(f"backend for pattern {pattern!r} must be one of {_BACKENDS[pattern]}, got {opts['backend']!r}")
+        raise ValueError(
+            f"backend for pattern {pattern!r} must be one of {_BACKENDS[pattern]}, got {opts['backend']!r}"
+        )
     if pattern == "hash":
         nb = opts["n_buckets"]
         if not _is_int(nb) or nb < 2 or nb % 2:
@@ -477,5 +481,7 @@ def add_dash_summaries(model: nn.Module) -> list[str]:
             m.register_parameter(SUMMARY_ATTR, nn.Parameter(w))
         names.append(mod_name)
     if not names:
-        raise ValueError(f"no attention module (with an nn.Linear k_proj and an integer head_dim) in {type(model).__name__}")
+        raise ValueError(
+            f"no attention module (with an nn.Linear k_proj and an integer head_dim) in {type(model).__name__}"
+        )
     return names
