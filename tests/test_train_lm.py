@@ -24,6 +24,27 @@ TINY = ["--layers", "2", "--dim", "64", "--heads", "4", "--kv-heads", "2", "--se
         "--chunk-size", "16", "--q-block", "16", "--block-size", "16", "--n-buckets", "4", "--eval-batches", "1"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tiny models run several times faster than with threads that
+    compete for the (shared) cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    """A 200 KB text file (this repository's Python sources, repeated) for the runs that do not
+    test the default corpus."""
+    root = os.path.join(os.path.dirname(__file__), "..", "flexsparse")
+    text = b"".join(open(os.path.join(root, f), "rb").read() for f in sorted(os.listdir(root)) if f.endswith(".py"))
+    path = tmp_path_factory.mktemp("data") / "small.txt"
+    path.write_bytes((text * (1 + 200_000 // max(1, len(text))))[:200_000])
+    return str(path)
+
+
 def _run(tmp_path, *args):
     res = train_lm.main(TINY + ["--out", str(tmp_path), "--no-compile", "--device", "cpu", *args])
     name = f"{res['task']}_{res['attn']}_{res['seq']}.json"
@@ -53,21 +74,21 @@ def test_dense_loss_decreases_and_json(tmp_path):
 
 
 @pytest.mark.parametrize("attn", ["hash", "drop"])
-def test_scfa_variants_train(tmp_path, attn):
+def test_scfa_variants_train(tmp_path, attn, small_text):
     """Hash-sparse and query/key-drop models: a few steps, finite losses that went down."""
-    r = _run(tmp_path, "--attn", attn, "--tokens", str(6 * 256), "--batch-tokens", "256", "--lr", "3e-3",
+    r = _run(tmp_path, "--data", small_text, "--attn", attn, "--tokens", str(6 * 256), "--batch-tokens", "256", "--lr", "3e-3",
              "--evals", "1")
     losses = [p["val_loss"] for p in r["curve"]]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     assert "sparsity" not in r["final"]
 
 
-def test_dash_calibrates_recalibrates_and_topk_matches(tmp_path):
+def test_dash_calibrates_recalibrates_and_topk_matches(tmp_path, small_text):
     """DashAttention: gamma is calibrated at init for the target sparsity (bisection; the measured
     sparsity lands near the target) and again at 50% of training; the sparsity is measured at
     every evaluation. Top-k reads the dash JSON and picks the top_k whose sparsity matches."""
     common = ["--tokens", str(6 * 256), "--batch-tokens", "256", "--evals", "2", "--attn-backend", "reference",
-              "--target-sparsity", "0.5", "--calib-iters", "12"]
+              "--target-sparsity", "0.5", "--calib-iters", "12", "--data", small_text]
     r = _run(tmp_path, "--attn", "dash", "--recalibrate-at", "0.5", *common)
     cal = r["calibration"]
     assert abs(cal["sparsity_at_init"] - 0.5) < 0.1, cal
@@ -143,11 +164,11 @@ def test_data_folder_and_file(tmp_path):
         train_lm.load_corpus(str(tmp_path / "missing"))
 
 
-def test_summary_markdown(tmp_path):
+def test_summary_markdown(tmp_path, small_text):
     """The summary lists every run with its ratio to the dense run of the same length."""
-    _run(tmp_path, "--attn", "dense", "--tokens", str(3 * 256), "--batch-tokens", "256", "--evals", "1",
+    _run(tmp_path, "--data", small_text, "--attn", "dense", "--tokens", str(3 * 256), "--batch-tokens", "256", "--evals", "1",
          "--timing-warmup", "0")
-    _run(tmp_path, "--attn", "drop", "--tokens", str(3 * 256), "--batch-tokens", "256", "--evals", "1",
+    _run(tmp_path, "--data", small_text, "--attn", "drop", "--tokens", str(3 * 256), "--batch-tokens", "256", "--evals", "1",
          "--timing-warmup", "0")
     md = train_lm.summarize(str(tmp_path), plots=False)
     assert "| lm | 128 | dense |" in md and "| lm | 128 | drop |" in md
