@@ -270,6 +270,7 @@ def fig_sparsity_vs_gamma() -> None:
     axes[1].set_ylabel("paper sparsity (rows past 4096)")
     for ax in axes:
         ax.set_xscale("log", base=2)
+        ax.set_xticks([0.25, 1, 4, 16, 64], ["0.25", "1", "4", "16", "64"])
         ax.set_xlabel("gamma")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)

@@ -141,8 +141,8 @@ _GPU_PAGES = [p for p, (mk, _, bl) in PAGES.items() if any(not b.skip for b in b
 
 @pytest.mark.parametrize("page", _CPU_PAGES)
 def test_page_runs_on_cpu(page):
-    """The page's blocks that need no GPU, in order, in one namespace, on whatever device the
-    page itself picks (the recipes use ``"cuda" if available else "cpu"`` or the CPU)."""
+    """The page's blocks that need no GPU, in order, in one namespace (the recipes pin these
+    blocks to the CPU; on a CUDA machine they run the PyTorch paths of the mask builders)."""
     _check_requires(page)
     _, _, blocks = PAGES[page]
     _run_blocks(page, [b for b in blocks if not b.gpu and not b.skip])
