@@ -169,6 +169,20 @@ def test_pattern_inputs_are_deterministic(register):
     assert not torch.equal(q1, fresh.keep_masks(0, q, k)[0]) and not torch.equal(q1[0], q1[1])
 
 
+@pytest.mark.parametrize("pattern", list(PATTERN_OPTIONS))
+def test_attention_function_uses_the_model_scaling(register, pattern):
+    """Called directly with a non-default ``scaling`` (Llama's equals 1/sqrt(D)): [B, N, Hq, D]."""
+    attn = register(pattern, **PATTERN_OPTIONS[pattern], backend="reference")
+    module = torch.nn.Module()
+    module.layer_idx = 1
+    q, k, v = torch.randn(1, HQ, N, DH), torch.randn(1, HKV, N, DH), torch.randn(1, HKV, N, DH)
+    out, weights = attn.attention(module, q, k, v, None, scaling=0.7)
+    assert weights is None and out.shape == (1, N, HQ, DH) and out.is_contiguous()
+    call = {"layer": 1, "q": q, "k": k, "v": v, "scaling": 0.7}
+    assert_close_to_ref(pattern, out, reference_out(attn, call))
+    assert (out - reference_out(attn, dict(call, scaling=None)).float()).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("pattern", ["hash", "drop"])
 def test_padding_is_honoured(register, pattern):
     """Row 0 left-padded, row 1 right-padded, the same real tokens at the same positions."""
