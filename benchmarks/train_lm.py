@@ -64,6 +64,7 @@ import platform
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 
 import torch
@@ -493,6 +494,8 @@ def train_one(cfg: argparse.Namespace, corpus: dict | None = None, console=None)
 
     model = ByteGPT(cfg)
     model.init_weights(cfg.seed)
+    if cfg.init_from:  # e.g. the language model of the same variant, for the retrieval task
+        model.load_state_dict(torch.load(cfg.init_from, map_location="cpu", weights_only=True))
     model.to(dev)
     n_params = sum(p.numel() for p in model.parameters())
 
@@ -536,7 +539,8 @@ def train_one(cfg: argparse.Namespace, corpus: dict | None = None, console=None)
             result["calibration"] = {"gamma": cfg.gamma, "given": True}
         else:
             t0 = time.perf_counter()
-            g, s, trace = calibrate_gamma(model, calib_data.sample(), cfg.target_sparsity, iters=cfg.calib_iters,
+            init_batch = calib_data.sample()
+            g, s, trace = calibrate_gamma(model, init_batch, cfg.target_sparsity, iters=cfg.calib_iters,
                                           autocast=autocast)
             result["calibration"] = {"gamma": g, "sparsity_at_init": s, "target": cfg.target_sparsity,
                                      "trace": trace, "seconds": time.perf_counter() - t0, "history": []}
@@ -591,6 +595,21 @@ def train_one(cfg: argparse.Namespace, corpus: dict | None = None, console=None)
             row["seconds"] = time.perf_counter() - t0
             return row
 
+        def compiled_sparsity(batch, eager: float) -> float:
+            """The sparsity the compiled model measures on the calibration batch: it must agree with
+            the eager calibration, or the compiled graph did not pick up the new gamma."""
+            with torch.enable_grad(), autocast():
+                fwd(*batch)
+            got = read_stats(model)["sparsity"]
+            if abs(got - eager) > 0.03:
+                raise RuntimeError(f"the compiled model measures sparsity {got:.4f} where the eager calibration "
+                                   f"measured {eager:.4f}: gamma did not reach the compiled graph")
+            return got
+
+        if result["calibration"] and "sparsity_at_init" in result["calibration"]:
+            result["calibration"]["sparsity_at_init_compiled"] = compiled_sparsity(
+                init_batch, result["calibration"]["sparsity_at_init"])
+
         tokens = 0
         train_s, timed_tokens = 0.0, 0
         seg_start = None
@@ -610,12 +629,15 @@ def train_one(cfg: argparse.Namespace, corpus: dict | None = None, console=None)
                         train_s += time.perf_counter() - seg_start
                     seg_start, time_from = None, step + cfg.timing_warmup  # the recompile is not timed
                     t0 = time.perf_counter()
-                    g, s, trace = calibrate_gamma(model, calib_data.sample(), cfg.target_sparsity,
-                                                  iters=cfg.calib_iters, autocast=autocast)
+                    cb = calib_data.sample()
+                    g, s, trace = calibrate_gamma(model, cb, cfg.target_sparsity, iters=cfg.calib_iters,
+                                                  autocast=autocast)
+                    s_c = compiled_sparsity(cb, s)
                     result["calibration"]["history"].append({"step": step, "gamma": g, "sparsity": s,
+                                                             "sparsity_compiled": s_c,
                                                              "seconds": time.perf_counter() - t0})
                     console.print(f"[cyan]step {step}: recalibrated gamma {g:.4g} -> sparsity {s:.3f} "
-                                  f"(the compiled model recompiles once)[/]")
+                                  f"(compiled model: {s_c:.3f}, after one recompile)[/]")
                 if seg_start is None and step == time_from:
                     sync()
                     seg_start = time.perf_counter()
@@ -676,6 +698,10 @@ def train_one(cfg: argparse.Namespace, corpus: dict | None = None, console=None)
         result["status"] = "truncated" if truncated else "done"
     result["final"] = _final(result, tokens, timed_tokens, train_s, startup_s, cfg, cuda)
     result["final"]["wall_s"] = time.perf_counter() - t_start
+    if cfg.save_checkpoint:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.save_checkpoint)), exist_ok=True)
+        torch.save(model.state_dict(), cfg.save_checkpoint)
+        result["checkpoint"] = cfg.save_checkpoint
     save()
     console.print(f"[green]{run_name(cfg)}[/]: {_fmt_final(result)}  -> {path}")
     return result
@@ -746,6 +772,15 @@ def run_suite(cfg) -> list[dict]:
         rc = copy.copy(cfg)
         rc.task, rc.seq, rc.attn = task, seq, attn
         rc.tokens = cfg.mqar_tokens if task == "mqar" and cfg.mqar_tokens else cfg.tokens
+        if cfg.mqar_init == "lm" and "mqar" in cfg.tasks:  # the lm runs hand their weights to mqar
+            ckpt = os.path.join(cfg.ckpt_dir, f"lm_{attn}_{seq}{cfg.tag}.pt")
+            if task == "lm" and seq in cfg.mqar_seqs:
+                rc.save_checkpoint = ckpt
+            elif task == "mqar":
+                if not os.path.exists(ckpt):
+                    raise FileNotFoundError(f"--mqar-init lm: no language model {ckpt} (run --tasks lm,mqar with "
+                                            f"{seq} in --seqs, or the same --ckpt-dir)")
+                rc.init_from = ckpt
         path = os.path.join(cfg.out, run_name(rc) + ".json")
         if cfg.skip_existing and os.path.exists(path):
             with open(path) as fh:
@@ -997,6 +1032,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--match-sparsity", default=None, help="dash result JSON whose mean measured sparsity top-k matches")
     m.add_argument("--mqar-pairs", type=int, default=64)
     m.add_argument("--mqar-repeats", type=int, default=3, help="occurrences of each pair in the context")
+    m.add_argument("--init-from", default=None, help="state_dict to start from (same model configuration)")
+    m.add_argument("--save-checkpoint", default=None, help="write the final state_dict here")
     t = ap.add_argument_group("training")
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--min-lr", type=float, default=0.1, help="final learning rate as a fraction of --lr")
@@ -1024,6 +1061,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mqar-seqs", default="8192")
     s.add_argument("--variants", default=",".join(VARIANTS))
     s.add_argument("--mqar-tokens", type=float, default=None, help="tokens per mqar run (default --tokens)")
+    s.add_argument("--mqar-init", choices=("scratch", "lm"), default="scratch",
+                   help="mqar runs start from random weights or from the lm run of the same variant and length")
+    s.add_argument("--ckpt-dir", default=os.path.join(tempfile.gettempdir(), "train_lm_ckpt"),
+                   help="where --mqar-init lm keeps the language models")
     s.add_argument("--skip-existing", action="store_true", help="keep finished results found under --out")
     s.add_argument("--keep-going", action="store_true", help="record a failed run and continue")
     s.add_argument("--deadline-minutes", type=float, default=0, help="start no run after this many minutes")

@@ -93,6 +93,7 @@ def test_dash_calibrates_recalibrates_and_topk_matches(tmp_path, small_text):
     cal = r["calibration"]
     assert abs(cal["sparsity_at_init"] - 0.5) < 0.1, cal
     assert len(cal["trace"]) == 12 and len(cal["history"]) == 1 and cal["history"][0]["step"] == 3
+    assert cal["sparsity_at_init_compiled"] == pytest.approx(cal["sparsity_at_init"], abs=1e-6)  # eager here
     assert abs(cal["history"][0]["sparsity"] - 0.5) < 0.1, cal
     assert all("sparsity" in p and 0.0 < p["kept_fraction"] <= 1.0 for p in r["curve"])
     assert 0.0 < r["final"]["sparsity_mean"] < 1.0
@@ -162,6 +163,34 @@ def test_data_folder_and_file(tmp_path):
     assert c["meta"]["bytes_train"] + c["meta"]["bytes_val"] == f.stat().st_size
     with pytest.raises(ValueError, match="neither a file nor a folder"):
         train_lm.load_corpus(str(tmp_path / "missing"))
+
+
+def test_checkpoint_round_trip_and_suite_warm_start(tmp_path, small_text):
+    """``--save-checkpoint`` then ``--init-from``: the second run's step-0 evaluation (same
+    validation windows) equals the first run's final one. The suite with ``--mqar-init lm`` hands
+    each lm model to the mqar run of the same variant and length, and top-k follows dash."""
+    ckpt = tmp_path / "ck" / "m.pt"
+    a = _run(tmp_path / "a", "--data", small_text, "--attn", "hash", "--tokens", str(3 * 256), "--batch-tokens",
+             "256", "--evals", "1", "--save-checkpoint", str(ckpt))
+    b = _run(tmp_path / "b", "--data", small_text, "--attn", "hash", "--tokens", str(1 * 256), "--batch-tokens",
+             "256", "--evals", "1", "--init-from", str(ckpt))
+    assert b["curve"][0]["val_loss"] == pytest.approx(a["final"]["val_loss"], rel=1e-5)
+    assert b["curve"][0]["val_loss"] < a["curve"][0]["val_loss"] - 0.1
+    out = tmp_path / "suite"
+    results = train_lm.main(TINY + [
+        "--out", str(out), "--no-compile", "--device", "cpu", "--data", small_text, "--suite", "--tasks", "lm,mqar",
+        "--seqs", "128", "--mqar-seqs", "128", "--variants", "dense,dash,topk", "--mqar-init", "lm", "--mqar-pairs",
+        "8", "--ckpt-dir", str(tmp_path / "ckpts"), "--tokens", str(2 * 256), "--batch-tokens", "256", "--evals", "1",
+        "--attn-backend", "reference", "--target-sparsity", "0.5", "--calib-iters", "8", "--recalibrate-at", "",
+    ])
+    assert [(r["task"], r["attn"]) for r in results] == [
+        ("lm", "dense"), ("lm", "dash"), ("lm", "topk"), ("mqar", "dense"), ("mqar", "dash"), ("mqar", "topk")]
+    for r in results[3:]:
+        assert r["config"]["init_from"] == str(tmp_path / "ckpts" / f"lm_{r['attn']}_128.pt"), r["config"]
+    for task in ("lm", "mqar"):
+        dash, topk = (next(r for r in results if (r["task"], r["attn"]) == (task, v)) for v in ("dash", "topk"))
+        assert topk["calibration"]["matched_sparsity"] == dash["final"]["sparsity_mean"]
+    assert (out / "summary.md").exists()
 
 
 def test_summary_markdown(tmp_path, small_text):
