@@ -75,8 +75,8 @@ if not torch.cuda.is_available():  # Triton kernels run under the interpreter on
     os.environ.setdefault("TRITON_INTERPRET", "1")  # set before anything imports triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import flexsparse  # noqa: E402
-from flexsparse.nn import _SparseSelfAttention  # noqa: E402
+import flexsparse
+from flexsparse.nn import _SparseSelfAttention
 
 VARIANTS = ("dense", "hash", "drop", "dash", "topk")
 TASKS = ("lm", "mqar")
@@ -163,7 +163,7 @@ def load_corpus(path: str | None, *, include_tests: bool = False, val_percent: f
         raise ValueError(f"corpus {meta['source']!r}: empty training or validation split")
     meta.update(bytes_train=len(train), bytes_val=len(val),
                 sha1=hashlib.sha1(train + b"|" + val).hexdigest()[:16], python=platform.python_version())
-    as_t = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)  # noqa: E731
+    as_t = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)
     return {"train": as_t(train), "val": as_t(val), "meta": meta}
 
 
@@ -253,7 +253,7 @@ class SDPAttention(_SparseSelfAttention):
 
 
 def make_attention(cfg: argparse.Namespace) -> nn.Module:
-    common = dict(kv_heads=cfg.kv_heads, rotary=not cfg.no_rotary)
+    common = {"kv_heads": cfg.kv_heads, "rotary": not cfg.no_rotary}
     if cfg.attn == "dense":
         return SDPAttention(cfg.dim, cfg.heads, **common)
     common["backend"] = cfg.attn_backend
@@ -263,7 +263,7 @@ def make_attention(cfg: argparse.Namespace) -> nn.Module:
     if cfg.attn == "drop":
         return flexsparse.QKSparseAttention(cfg.dim, cfg.heads, drop_rate=cfg.drop_rate, block_size=cfg.block_size,
                                             **common)
-    dash = dict(chunk_size=cfg.chunk_size, q_block=cfg.q_block, track_sparsity=True, **common)
+    dash = {"chunk_size": cfg.chunk_size, "q_block": cfg.q_block, "track_sparsity": True, **common}
     if cfg.attn == "dash":
         return flexsparse.DashAttention(cfg.dim, cfg.heads, gamma=cfg.gamma or 1.0, **dash)
     if cfg.attn == "topk":
@@ -401,7 +401,7 @@ def environment() -> dict:
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env["git"] = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                    text=True, timeout=5).stdout.strip() or None
+                                    text=True, timeout=5, check=False).stdout.strip() or None
     except Exception:  # noqa: BLE001 - no git on the machine
         env["git"] = None
     return env
@@ -437,7 +437,14 @@ def _json_safe(d: dict) -> dict:
 
 
 def _progress(disable: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=disable)
@@ -464,7 +471,7 @@ def train_one(cfg: argparse.Namespace, corpus: dict | None = None, console=None)
     """Train one model (``cfg.task``, ``cfg.attn``, ``cfg.seq``); write and return its result."""
     from rich.console import Console
 
-    console = console or Console()
+    console = console or Console(width=180)
     t_start = time.perf_counter()
     dev = torch.device(cfg.device)
     cuda = dev.type == "cuda"
@@ -759,7 +766,7 @@ def suite_plan(cfg) -> list[tuple[str, int, str]]:
 def run_suite(cfg) -> list[dict]:
     from rich.console import Console
 
-    console = Console()
+    console = Console(width=180)
     plan = suite_plan(cfg)
     t0 = time.perf_counter()
     corpus = load_corpus(cfg.data, include_tests=cfg.stdlib_tests) if "lm" in cfg.tasks else None
@@ -803,7 +810,7 @@ def run_suite(cfg) -> list[dict]:
         torch._dynamo.reset()
         try:
             r = train_one(rc, corpus if task == "lm" else None, console)
-        except Exception as e:  # noqa: BLE001 - record it, go on with the next run
+        except Exception as e:
             if not cfg.keep_going:
                 raise
             console.print(f"[red]{run_name(rc)} failed: {type(e).__name__}: {e}[/]")
@@ -862,7 +869,9 @@ def summary_rows(results: list[dict]) -> list[dict]:
         elif r["attn"] == "drop":
             knob = f"drop {r['config'].get('drop_rate')}"
         rows.append({
-            "task": r["task"], "seq": r["seq"], "attn": r["attn"], "status": r.get("status"), "knob": knob,
+            "task": r["task"], "seq": r["seq"], "attn": r["attn"], "knob": knob,
+            "status": (r.get("status") or "?") + (" (tokens ≠ dense)" if d.get("tokens") and f.get("tokens")
+                                                   and d["tokens"] != f["tokens"] else ""),
             "tokens": f.get("tokens"), "tok_s": f.get("tokens_per_s"), "speedup": speed,
             "val_loss": f.get("val_loss"), "bpb": f.get("val_bpb"), "acc": f.get("val_acc"),
             "d_loss": f["val_loss"] - d["val_loss"] if f.get("val_loss") is not None and d.get("val_loss") is not None
@@ -887,7 +896,7 @@ def summarize(directory: str, *, console=None, plots: bool = True) -> str:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(width=180)
     results = _load_results(directory)
     if not results:
         console.print(f"[yellow]no results under {directory}[/]")
@@ -906,12 +915,13 @@ def summarize(directory: str, *, console=None, plots: bool = True) -> str:
     env = results[0].get("env", {})
     head = [
         "# train_lm results", "",
-        f"GPU: {', '.join(gpus) or 'none (CPU)'}; torch {env.get('torch')}, triton {env.get('triton')}, "
-        f"flexsparse {env.get('flexsparse')} (git {env.get('git')}), {env.get('date')}.", "",
-        "tokens/s: training steps after the warm-up (compile) steps, evaluations excluded. Val loss in nats per "
-        "byte (lm) or per answer (mqar); bits/byte = loss / ln 2. Sparsity: the paper's measure (1 − attended "
-        "tokens / N over queries past position 4096), mean over DashAttention layers at the last evaluation. "
-        "Start-up: from the start of the run to the first timed step (data, calibration, compile).", "",
+        (f"GPU: {', '.join(gpus) or 'none (CPU)'}; torch {env.get('torch')}, triton {env.get('triton')}, "
+         f"flexsparse {env.get('flexsparse')} (git {env.get('git')}), {env.get('date')}."), "",
+        ("tokens/s: training steps after the warm-up (compile) steps, evaluations excluded. Val loss in nats per "
+         "byte (lm) or per trained answer (mqar); bits/byte = loss / ln 2; accuracy over the final queries. "
+         "Sparsity: the paper's measure (1 − attended tokens / N over queries past position 4096), mean over "
+         "DashAttention layers at the last evaluation. Start-up: from the start of the run to the first timed "
+         "step (data, calibration, compile)."), "",
     ]
     md = "\n".join(head + lines) + "\n"
     if plots:
@@ -947,7 +957,8 @@ def plot_curves(results: list[dict], directory: str, console) -> list[str]:
             axes[0].plot([p["tokens"] / 1e6 for p in c if key in p], [p[key] for p in c if key in p], marker="o",
                          ms=3, label=label)
             tc = r.get("train_curve", [])
-            axes[1].plot([p["tokens"] / 1e6 for p in tc], [p["loss"] for p in tc], label=label, lw=1)
+            axes[1].plot([p["tokens"] / 1e6 for p in tc], [p["loss"] for p in tc], label=label, lw=1,
+                         marker="." if len(tc) < 30 else None)
         axes[0].set_ylabel("validation accuracy (answers)" if task == "mqar" else "validation loss (nats/byte)")
         axes[1].set_ylabel("training loss")
         for ax in axes:
@@ -1077,7 +1088,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     cfg = build_parser().parse_args(argv)
-    split = lambda s, f: [f(x) for x in str(s).split(",") if x]  # noqa: E731
+    split = lambda s, f: [f(x) for x in str(s).split(",") if x]
     cfg.tasks = split(cfg.tasks, str)
     cfg.seqs, cfg.mqar_seqs = split(cfg.seqs, int), split(cfg.mqar_seqs, int)
     cfg.variants = split(cfg.variants, str)

@@ -39,7 +39,11 @@ def small_text(tmp_path_factory):
     """A 200 KB text file (this repository's Python sources, repeated) for the runs that do not
     test the default corpus."""
     root = os.path.join(os.path.dirname(__file__), "..", "flexsparse")
-    text = b"".join(open(os.path.join(root, f), "rb").read() for f in sorted(os.listdir(root)) if f.endswith(".py"))
+    text = b""
+    for f in sorted(os.listdir(root)):
+        if f.endswith(".py"):
+            with open(os.path.join(root, f), "rb") as fh:
+                text += fh.read()
     path = tmp_path_factory.mktemp("data") / "small.txt"
     path.write_bytes((text * (1 + 200_000 // max(1, len(text))))[:200_000])
     return str(path)
