@@ -982,7 +982,7 @@ def dry_run(cfg) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=180)
     table = Table(title=f"plan (dense-equivalent throughput {cfg.assume_tflops} TFLOP/s, "
                         f"start-up {cfg.assume_startup_s} s per run)")
     for h in ("run", "batch x seq", "steps", "tokens", "GFLOP/token", "train s (est.)"):
