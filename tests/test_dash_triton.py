@@ -398,7 +398,8 @@ def test_gpu_matches_reference(N, D, G, dtype, estimate_diagonal):
 def test_gpu_float32_estimate_matches_reference():
     C, gamma = 64, 8.0
     inputs = [t.cuda() for t in _well_routed_inputs(1, 16, 1, 700, 64, C, gamma)]
-    _check_against_reference(inputs, dict(chunk_size=C, gamma=gamma, estimate_diagonal=True, sigma=0.7))
+    kw = dict(chunk_size=C, gamma=gamma, estimate_diagonal=True, sigma=0.7)
+    _check_against_reference(inputs, kw, factor=5.0, rel_floor=1e-4)  # as the interpreter test
 
 
 @pytest.mark.gpu
