@@ -114,6 +114,7 @@ def part_prefill(args, rows, meta, train=False):
         q, k, v, w = inputs(B0, N, grad=train)
         do = torch.randn_like(q)
         gamma, kept_router = calibrate(router_kept(q.detach(), k.detach(), w.detach()), args.target)
+        console.print(f"N={N}: gamma {gamma:.4g} keeps {kept_router:.3f} (router)")
         with torch.no_grad():
             _, st = tri(q, k, v, w, gamma, return_stats=True)
         row = dict(part="train" if train else "prefill", mode=mode, N=N, B=B0, Hq=HQ, Hkv=HKV, D=D, C=C,
@@ -242,15 +243,11 @@ def main(argv=None):
                 python=platform.python_version(), date=datetime.datetime.now().isoformat(timespec="seconds"),
                 cudnn=torch.backends.cudnn.version(), target=args.target)
     rows: list = []
-    parts = args.parts.split(",")
-    if "prefill" in parts:
-        part_prefill(args, rows, meta)
-    if "train" in parts:
-        part_prefill(args, rows, meta, train=True)
-    if "dense" in parts:
-        part_dense(args, rows, meta)
-    if "decode" in parts:
-        part_decode(args, rows, meta)
+    run = {"prefill": lambda: part_prefill(args, rows, meta), "train": lambda: part_prefill(args, rows, meta, train=True),
+           "dense": lambda: part_dense(args, rows, meta), "decode": lambda: part_decode(args, rows, meta)}
+    for part in args.parts.split(","):  # in the order given
+        console.print(f"[bold]== {part}[/]")
+        run[part]()
 
 
 if __name__ == "__main__":

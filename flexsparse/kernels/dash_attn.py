@@ -66,7 +66,6 @@ import triton.language as tl
 
 __all__ = ["dash_attn_forward", "dash_attn_backward", "attn_config"]
 
-_INF = tl.constexpr(float("inf"))
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = 0.6931471805599453
 
@@ -113,7 +112,7 @@ def _log_prior(pbar, ccols, ci_r, rvalid, mu, inv_sigma, ESTIMATE: tl.constexpr)
     if ESTIMATE:
         lg = (lg - mu[:, None]) * inv_sigma
     diag = (ccols[None, :] == ci_r[:, None]) & rvalid[:, None]
-    return tl.where(sel, lg, tl.where(diag, 0.0, -_INF)), sel
+    return tl.where(sel, lg, tl.where(diag, 0.0, float("-inf"))), sel
 
 
 @triton.jit
@@ -129,9 +128,9 @@ def _fwd_tile(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, m_i, l
     v = tl.load(v_ptr + kvo, mask=kvm, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2 + lp2[:, None]
     allowed = act_m[:, None] & kvalid[None, :] & (kpos[None, :] <= rows[:, None])
-    s = tl.where(allowed, s, -_INF)
+    s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == -_INF, 0.0, m_new)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -181,9 +180,9 @@ def _fwd_tile_past(q, k_ptr, v_ptr, kv_base, c, j0, C, D, lp2, m_i, l_i, acc, qk
         v = tl.load(v_ptr + kvo, mask=dmask[None, :], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2 + lp2[:, None]
     if MASK_K:
-        s = tl.where((koff < C)[None, :], s, -_INF)
+        s = tl.where((koff < C)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == -_INF, 0.0, m_new)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
     p = tl.exp2(s - m_use[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -213,7 +212,7 @@ def _fwd_kernel(
     dmask = dcols < D
     qmask = mvalid[:, None] & dmask[None, :]
     q = tl.load(q_ptr + qrow[:, None] * D + dcols[None, :], mask=qmask, other=0.0)
-    tau = tl.load(tau_ptr + qrow, mask=mvalid, other=_INF)
+    tau = tl.load(tau_ptr + qrow, mask=mvalid, other=float("inf"))
     ci_m = tl.where(mvalid, rows // C, 0)
     rr = row0 + tl.arange(0, BLOCK_R)
     rvalid = rr < N
@@ -253,7 +252,7 @@ def _fwd_kernel(
                            BLOCK_G, BLOCK_R, BLOCK_NC, DOT_PREC)
         lp, sel = _log_prior(pbar, ccols, ci_r, rvalid, mu, inv_sigma, ESTIMATE)
         count += tl.sum(sel.to(tl.int32), 1)
-        act = lp > -_INF
+        act = lp > float("-inf")
         active = tl.max(act.to(tl.int32), 0)  # [BLOCK_NC]
         slot = n_tot + tl.cumsum(active, 0) - 1
         tl.store(ids_base + slot, ccols, mask=active > 0)
@@ -264,12 +263,12 @@ def _fwd_kernel(
 
     # phase 2: attention over the listed chunks; those before the block need no causal mask
     n_tail = n_blk - first  # the diagonal chunks, always listed, at the end of the list
-    m_i = tl.full([M], -_INF, tl.float32)
+    m_i = tl.full([M], float("-inf"), tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, BLOCK_D], tl.float32)
     for t in range(0, n_tot - n_tail):
         c = tl.load(ids_base + t)
-        lp2 = tl.load(lpt_base + t * BLOCK_R + rl, mask=mvalid, other=-_INF) * _LOG2E
+        lp2 = tl.load(lpt_base + t * BLOCK_R + rl, mask=mvalid, other=float("-inf")) * _LOG2E
         if ONE_SUB:
             m_i, l_i, acc = _fwd_tile_past(q, k_ptr, v_ptr, kv_base, c, 0, C, D, lp2, m_i, l_i, acc, qk2,
                                            dcols, dmask, BLOCK_N, MASK_K, DOT_PREC)
@@ -279,8 +278,8 @@ def _fwd_kernel(
                                                qk2, dcols, dmask, BLOCK_N, MASK_K, DOT_PREC)
     for t in range(n_tot - n_tail, n_tot):
         c = tl.load(ids_base + t)
-        lp2 = tl.load(lpt_base + t * BLOCK_R + rl, mask=mvalid, other=-_INF) * _LOG2E
-        act_m = (lp2 > -_INF) & mvalid
+        lp2 = tl.load(lpt_base + t * BLOCK_R + rl, mask=mvalid, other=float("-inf")) * _LOG2E
+        act_m = (lp2 > float("-inf")) & mvalid
         for j0 in range(0, C, BLOCK_N):
             m_i, l_i, acc = _fwd_tile(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m,
                                       m_i, l_i, acc, qk2, dcols, dmask, BLOCK_N, DOT_PREC)
@@ -288,7 +287,7 @@ def _fwd_kernel(
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(o_ptr + qrow[:, None] * D + dcols[None, :], out.to(o_ptr.dtype.element_ty), mask=qmask)
-    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), _INF)
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("inf"))
     tl.store(lse_ptr + qrow, lse, mask=mvalid)
     tl.store(cnt_ptr + bk * N + rr, count, mask=rvalid)
 
@@ -323,7 +322,7 @@ def _bwd_dq_kernel(
     o = tl.load(o_ptr + qrow[:, None] * D + dcols[None, :], mask=qmask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(delta_ptr + qrow, delta, mask=mvalid)
-    tau = tl.load(tau_ptr + qrow, mask=mvalid, other=_INF)
+    tau = tl.load(tau_ptr + qrow, mask=mvalid, other=float("inf"))
     lse = tl.load(lse_ptr + qrow, mask=mvalid, other=0.0)
     ci_m = tl.where(mvalid, rows // C, 0)
     rr = row0 + tl.arange(0, BLOCK_R)
@@ -347,7 +346,7 @@ def _bwd_dq_kernel(
         pbar = _route_tile(q, tau, ci_m, kb_base, ccols, NF, D, dcols, dmask, xs, inv_g,
                            BLOCK_G, BLOCK_R, BLOCK_NC, DOT_PREC)
         lp, sel = _log_prior(pbar, ccols, ci_r, rvalid, mu, inv_sigma, ESTIMATE)
-        active = tl.max((lp > -_INF).to(tl.int32), 0)
+        active = tl.max((lp > float("-inf")).to(tl.int32), 0)
         tl.store(flag_base + ccols.to(tl.int64) * NQB, active.to(tl.int8), mask=ccols < NCH)
         order = tl.cumsum(active, 0) - 1
         n_act = tl.sum(active, 0)
@@ -356,7 +355,7 @@ def _bwd_dq_kernel(
             c = tl.sum(tl.where((active > 0) & (order == t), ccols, 0), 0)
             lp_c = tl.sum(tl.where(ccols[None, :] == c, lp, 0.0), 1)
             lp2 = _stack(lp_c, BLOCK_G, BLOCK_R) * _LOG2E
-            act_m = (lp2 > -_INF) & mvalid
+            act_m = (lp2 > float("-inf")) & mvalid
             dl_m = tl.zeros([M], tl.float32)
             if ONE_SUB:
                 dq, dl_m = _dq_tile(q, do, k_ptr, v_ptr, kv_base, c, 0, C, N, D, rows, lp2, act_m, lse,
@@ -451,7 +450,7 @@ def _bwd_dkdv_kernel(
             qmask = mvalid[:, None] & dmask[None, :]
             q = tl.load(q_ptr + qrow[:, None] * D + dcols[None, :], mask=qmask, other=0.0)
             do = tl.load(do_ptr + qrow[:, None] * D + dcols[None, :], mask=qmask, other=0.0)
-            tau = tl.load(tau_ptr + qrow, mask=mvalid, other=_INF)
+            tau = tl.load(tau_ptr + qrow, mask=mvalid, other=float("inf"))
             lse = tl.load(lse_ptr + qrow, mask=mvalid, other=0.0)
             delta = tl.load(delta_ptr + qrow, mask=mvalid, other=0.0)
             ci_m = tl.where(mvalid, rows // C, 0)
@@ -468,9 +467,9 @@ def _bwd_dkdv_kernel(
             if ESTIMATE:
                 mu = tl.load(mu_ptr + bk * N + rr, mask=rvalid, other=0.0)
                 lg = (lg - mu) * inv_sigma
-            lp = tl.where(sel, lg, tl.where(((rr // C) == c) & rvalid, 0.0, -_INF))
+            lp = tl.where(sel, lg, tl.where(((rr // C) == c) & rvalid, 0.0, float("-inf")))
             lp2 = _stack(lp, BLOCK_G, BLOCK_R) * _LOG2E
-            act_m = (lp2 > -_INF) & mvalid
+            act_m = (lp2 > float("-inf")) & mvalid
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2 + lp2[:, None]
             allowed = act_m[:, None] & kvalid[None, :] & (kpos[None, :] <= rows[:, None])
             p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)

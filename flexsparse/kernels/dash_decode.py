@@ -67,7 +67,6 @@ __all__ = ["MAX_ITER", "cache_append", "decode_attention", "decode_route", "deco
 # Solver passes after the max pass (bisection alone closes a bracket of width 1 in ~22).
 MAX_ITER = 40
 
-_INF = tl.constexpr(float("inf"))
 _LOG2E = 1.4426950408889634
 
 
@@ -131,12 +130,12 @@ def _tau_kernel(
     xrow = x_ptr + row * NFS
 
     # pass 0: maximum and mean over the past chunks
-    m = tl.full([], -_INF, tl.float32)
+    m = tl.full([], float("-inf"), tl.float32)
     sx = tl.zeros([], tl.float32)
     for c0 in range(0, ci, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         valid = cols < ci
-        x = tl.load(xrow + cols, mask=valid, other=-_INF)
+        x = tl.load(xrow + cols, mask=valid, other=float("-inf"))
         m = tl.maximum(m, tl.max(x, 0))
         sx += tl.sum(tl.where(valid, x, 0.0), 0)
 
@@ -147,23 +146,23 @@ def _tau_kernel(
         a1 = tl.zeros([], tl.float32)
         a2 = tl.zeros([], tl.float32)
         cnt = tl.zeros([], tl.float32)
-        min_in = tl.full([], _INF, tl.float32)
-        max_out = tl.full([], -_INF, tl.float32)
+        min_in = tl.full([], float("inf"), tl.float32)
+        max_out = tl.full([], float("-inf"), tl.float32)
         for c0 in range(0, ci, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             valid = cols < ci
-            x = tl.load(xrow + cols, mask=valid, other=-_INF)
+            x = tl.load(xrow + cols, mask=valid, other=float("-inf"))
             a = x - tau
             pos = valid & (a > 0)
             ap = tl.where(pos, a, 0.0)
             a1 += tl.sum(ap, 0)
             a2 += tl.sum(ap * ap, 0)
             cnt += tl.sum(pos.to(tl.float32), 0)
-            min_in = tl.minimum(min_in, tl.min(tl.where(pos, a, _INF), 0))
-            max_out = tl.maximum(max_out, tl.max(tl.where(valid & (a <= 0), a, -_INF), 0))
+            min_in = tl.minimum(min_in, tl.min(tl.where(pos, a, float("inf")), 0))
+            max_out = tl.maximum(max_out, tl.max(tl.where(valid & (a <= 0), a, float("-inf")), 0))
         tau, lo, hi, done = _tau_step(tau, lo, hi, tol, a1, a2, cnt, min_in, max_out)
         it += 1
-    tl.store(tau_ptr + row, tl.where(has, tau, _INF))
+    tl.store(tau_ptr + row, tl.where(has, tau, float("inf")))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,7 +182,7 @@ def _select_kernel(
     gg = tl.arange(0, BLOCK_G)
     gmask = gg < G
     hrow = (bk * G + gg) * L + r  # rows of the [B, Hq, L] tau / scores of the group's heads
-    tau = tl.load(tau_ptr + hrow, mask=gmask, other=_INF)  # padded heads: p = 0
+    tau = tl.load(tau_ptr + hrow, mask=gmask, other=float("inf"))  # padded heads: p = 0
     xrow = x_ptr + hrow[:, None] * NFS
     row = bk * L + r
     base = row * NFS
@@ -192,7 +191,7 @@ def _select_kernel(
     for c0 in range(0, ci, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         cvalid = cols < ci
-        x = tl.load(xrow + cols[None, :], mask=gmask[:, None] & cvalid[None, :], other=-_INF)
+        x = tl.load(xrow + cols[None, :], mask=gmask[:, None] & cvalid[None, :], other=float("-inf"))
         s = tl.maximum(x - tau[:, None], 0.0)
         pb = tl.sum(s * s, 0) * inv_g
         sel = cvalid & (pb > 0)
@@ -247,7 +246,7 @@ def _append_kernel(
     w = tl.load(w_ptr + hk * D + dcols, mask=dmask, other=0.0).to(tl.float32)
     kf = kt.to(tl.float32)
     sc = tl.sum(kf * w[None, :], 1) * inv_sqrt_d
-    sc = tl.where(j < C, sc, -_INF)
+    sc = tl.where(j < C, sc, float("-inf"))
     e = tl.exp(sc - tl.max(sc, 0))
     kbar = tl.sum(e[:, None] * kf, 0) / tl.sum(e, 0)
     n_new = tl.sum(is_new.to(tl.int32), 0)
@@ -299,7 +298,7 @@ def _split_kernel(
     v_base = v_ptr + b * svb + hk * svh
     list_base = row * NFS
 
-    m_i = tl.full([BLOCK_M], -_INF, tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for t in range(t0, t1):
@@ -316,9 +315,9 @@ def _split_kernel(
             kt = tl.load(k_base + pos[:, None] * skn + dcols[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
             vt = tl.load(v_base + pos[:, None] * svn + dcols[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
             sc = tl.dot(q, tl.trans(kt), input_precision=DOT_PREC) * qk_scale + bias
-            sc = tl.where(kmask[None, :], sc, -_INF)
+            sc = tl.where(kmask[None, :], sc, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(sc, 1))
-            m_safe = tl.where(m_new == -_INF, 0.0, m_new)  # a tile past the diagonal's last key
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile past the diagonal's last key
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(sc - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
@@ -350,17 +349,17 @@ def _combine_kernel(
     b = row // (L * Hq)
     dcols = tl.arange(0, BLOCK_D)
     dmask = dcols < D
-    mx = tl.full([BLOCK_S], -_INF, tl.float32)
+    mx = tl.full([BLOCK_S], float("-inf"), tl.float32)
     for s0 in range(0, S, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
-        mx = tl.maximum(mx, tl.load(m_ptr + row * S + ss, mask=ss < S, other=-_INF))
+        mx = tl.maximum(mx, tl.load(m_ptr + row * S + ss, mask=ss < S, other=float("-inf")))
     big = tl.max(mx, 0)  # finite: the diagonal item holds key i itself
     num = tl.zeros([BLOCK_D], tl.float32)
     den = tl.zeros([BLOCK_S], tl.float32)
     for s0 in range(0, S, BLOCK_S):
         ss = s0 + tl.arange(0, BLOCK_S)
         smask = ss < S
-        ms = tl.load(m_ptr + row * S + ss, mask=smask, other=-_INF)
+        ms = tl.load(m_ptr + row * S + ss, mask=smask, other=float("-inf"))
         ls = tl.load(l_ptr + row * S + ss, mask=smask, other=0.0)
         acc = tl.load(
             acc_ptr + (row * S + ss)[:, None] * D + dcols[None, :], mask=smask[:, None] & dmask[None, :], other=0.0

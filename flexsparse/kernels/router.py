@@ -54,7 +54,6 @@ __all__ = ["router_tau", "router_pbar", "router_backward", "MAX_ITER"]
 # of width 1 to float32 resolution. Typical rows stop after 1-5 passes.
 MAX_ITER = 40
 
-_INF = tl.constexpr(float("inf"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,13 +143,13 @@ def _tau_kernel(
     n_vis = (tl.minimum(row0 + BLOCK_M, N) - 1) // C  # chunks any row of the block can see
 
     # pass 0: row maximum and mean over the past chunks
-    m = tl.full([BLOCK_M], -_INF, tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     sx = tl.zeros([BLOCK_M], tl.float32)
     for c0 in range(0, n_vis, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N)
         x, kb = _chunk_scores(q, kb_base, cols, cols < n_vis, dcols, dmask, skc, xs, DOT_PREC)
         valid = cols[None, :] < ci[:, None]
-        m = tl.maximum(m, tl.max(tl.where(valid, x, -_INF), 1))
+        m = tl.maximum(m, tl.max(tl.where(valid, x, float("-inf")), 1))
         sx += tl.sum(tl.where(valid, x, 0.0), 1)
 
     has, lo, hi, tol, done = _tau_bracket(m, sx, ci)
@@ -162,8 +161,8 @@ def _tau_kernel(
         a1 = tl.zeros([BLOCK_M], tl.float32)
         a2 = tl.zeros([BLOCK_M], tl.float32)
         cnt = tl.zeros([BLOCK_M], tl.float32)
-        min_in = tl.full([BLOCK_M], _INF, tl.float32)
-        max_out = tl.full([BLOCK_M], -_INF, tl.float32)
+        min_in = tl.full([BLOCK_M], float("inf"), tl.float32)
+        max_out = tl.full([BLOCK_M], float("-inf"), tl.float32)
         for c0 in range(0, n_vis, BLOCK_N):
             cols = c0 + tl.arange(0, BLOCK_N)
             x, kb = _chunk_scores(q, kb_base, cols, cols < n_vis, dcols, dmask, skc, xs, DOT_PREC)
@@ -174,8 +173,8 @@ def _tau_kernel(
             a1 += tl.sum(ap, 1)
             a2 += tl.sum(ap * ap, 1)
             cnt += tl.sum(pos.to(tl.float32), 1)
-            min_in = tl.minimum(min_in, tl.min(tl.where(pos, a, _INF), 1))
-            max_out = tl.maximum(max_out, tl.max(tl.where(valid & (a <= 0), a, -_INF), 1))
+            min_in = tl.minimum(min_in, tl.min(tl.where(pos, a, float("inf")), 1))
+            max_out = tl.maximum(max_out, tl.max(tl.where(valid & (a <= 0), a, float("-inf")), 1))
         cand, lo_n, hi_n, finished = _tau_step(tau, lo, hi, tol, a1, a2, cnt, min_in, max_out)
         tau = tl.where(done, tau, cand)
         lo = tl.where(done, lo, lo_n)
@@ -184,7 +183,7 @@ def _tau_kernel(
         todo = tl.sum((done == 0).to(tl.int32), 0)
         it += 1
 
-    tau = tl.where(has, tau, _INF)
+    tau = tl.where(has, tau, float("inf"))
     tl.store(tau_ptr + bh * N + rows, tau, mask=rmask)
 
 
@@ -218,7 +217,7 @@ def _pbar_kernel(
         q_ptr + b * sqb + head[:, None] * sqh + rows[:, None].to(tl.int64) * sqn + dcols[None, :],
         mask=mvalid[:, None] & dmask[None, :], other=0.0,
     )
-    tau = tl.load(tau_ptr + (b * (Hkv * G) + head) * N + rows, mask=mvalid, other=_INF)
+    tau = tl.load(tau_ptr + (b * (Hkv * G) + head) * N + rows, mask=mvalid, other=float("inf"))
     kb_base = kb_ptr + b * skb + hk * skh
 
     orows = row0 + tl.arange(0, BLOCK_R)
@@ -264,7 +263,7 @@ def _dq_kernel(
         q_ptr + b * sqb + h * sqh + rows[:, None].to(tl.int64) * sqn + dcols[None, :],
         mask=rmask[:, None] & dmask[None, :], other=0.0,
     )
-    tau = tl.load(tau_ptr + bh * N + rows, mask=rmask, other=_INF)
+    tau = tl.load(tau_ptr + bh * N + rows, mask=rmask, other=float("inf"))
     kb_base = kb_ptr + b * skb + hk * skh
     dp_base = dp_ptr + (b * (Hq // G) + hk) * N * NF + rows[:, None].to(tl.int64) * NF
     n_vis = (tl.minimum(row0 + BLOCK_M, N) - 1) // C
@@ -343,7 +342,7 @@ def _dkbar_kernel(
             q_ptr + b * sqb + head[:, None] * sqh + rows[:, None].to(tl.int64) * sqn + dcols[None, :],
             mask=mvalid[:, None] & dmask[None, :], other=0.0,
         )
-        tau = tl.load(tau_ptr + hq_rows + rows, mask=mvalid, other=_INF)
+        tau = tl.load(tau_ptr + hq_rows + rows, mask=mvalid, other=float("inf"))
         r = tl.load(r_ptr + hq_rows + rows, mask=mvalid, other=0.0)
         x = tl.dot(q, tl.trans(kb), input_precision=DOT_PREC) * xs
         valid = cols[None, :] < ci[:, None]
