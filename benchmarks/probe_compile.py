@@ -46,6 +46,7 @@ def main():
     ap.add_argument("--cases", default="hash,drop,dash,topk")
     ap.add_argument("--modes", default="eager,compiled")
     ap.add_argument("--timeout", type=int, default=120)
+    ap.add_argument("--dump", default=None, help="write each case's full stderr into this folder")
     args = ap.parse_args()
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     for case in args.cases.split(","):
@@ -55,6 +56,10 @@ def main():
                     p = subprocess.run([sys.executable, "-c", CHILD, case, N, mode], env=env,
                                        capture_output=True, text=True, timeout=args.timeout)
                     ok = p.returncode == 0
+                    if args.dump:
+                        os.makedirs(args.dump, exist_ok=True)
+                        with open(os.path.join(args.dump, f"{case}_{N}_{mode}.log"), "w") as fh:
+                            fh.write(p.stdout + "\n" + p.stderr)
                     print(f"== {case} N={N} {mode}: {'OK' if ok else 'FAILED rc=' + str(p.returncode)}", flush=True)
                     if not ok:
                         lines = [x for x in p.stderr.splitlines() if x.strip()]
