@@ -71,6 +71,7 @@ def _dash_mask_kernel(
     FILLER: tl.constexpr,
     LIMIT: tl.constexpr,
 ):
+    inv_sigma = tl.cast(inv_sigma, tl.float32)  # Inductor passes Python floats as fp64
     qblk = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)  # b * HKV + kv head
     b = bh // HKV

@@ -200,13 +200,13 @@ def sorted_layout(
         return src, dst, pos, bkt, flags
     NB, CH, FB, FPW, NW = _tiles(nb)
     C = triton.cdiv(N, CH)
-    # one scratch allocation: counts and first slots [R, C, NB], segments [R, 2, NB], bad [R, C]
-    n_seg = R * (2 * NB + 2)
-    scratch = torch.empty(R * (2 * C * NB + C) + n_seg, dtype=torch.int32, device=dev)
-    cnt = scratch[: R * C * NB]
-    base = scratch[R * C * NB : 2 * R * C * NB]
-    seg = scratch[2 * R * C * NB : 2 * R * C * NB + n_seg]
-    bad = scratch[2 * R * C * NB + n_seg :]
+    # counts and first slots [R, C, NB], segments [R, 2, NB + 1], bad [R, C]: separate tensors,
+    # not views of one scratch buffer (Inductor's functionalisation of a triton_op that writes
+    # into views of one allocation replayed them onto the wrong base: illegal memory accesses)
+    cnt = torch.empty(R * C * NB, dtype=torch.int32, device=dev)
+    base = torch.empty(R * C * NB, dtype=torch.int32, device=dev)
+    seg = torch.empty(R * (2 * NB + 2), dtype=torch.int32, device=dev)
+    bad = torch.empty(R * C, dtype=torch.int32, device=dev)
     warps = 4
     _count_kernel[(C, R)](keys, cnt, bad, N, C, nb, NB=NB, CH=CH, FB=FB, FPW=FPW, NW=NW, num_warps=warps)
     CB = max(1, min(128, 4096 // NB))
