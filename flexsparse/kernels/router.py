@@ -200,6 +200,7 @@ def _pbar_kernel(
     BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
+    inv_g = tl.cast(inv_g, tl.float32)  # Inductor passes Python floats as fp64
     xs = tl.cast(xs, tl.float32)  # Inductor passes Python floats as fp64
     pid_r = tl.program_id(0)
     bk = tl.program_id(1).to(tl.int64)
@@ -250,6 +251,7 @@ def _dq_kernel(
     sqb, sqh, sqn, skb, skh, skc,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    inv_g = tl.cast(inv_g, tl.float32)  # Inductor passes Python floats as fp64
     xs = tl.cast(xs, tl.float32)  # Inductor passes Python floats as fp64
     zscale = tl.cast(zscale, tl.float32)  # Inductor passes Python floats as fp64
     pid_m = tl.program_id(0)
@@ -311,6 +313,7 @@ def _dkbar_kernel(
     BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
+    inv_g = tl.cast(inv_g, tl.float32)  # Inductor passes Python floats as fp64
     xs = tl.cast(xs, tl.float32)  # Inductor passes Python floats as fp64
     zscale = tl.cast(zscale, tl.float32)  # Inductor passes Python floats as fp64
     pid_c = tl.program_id(0)
