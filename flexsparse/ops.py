@@ -316,10 +316,12 @@ def _compact_fake(states):
 
 @_register("compact_block_states", "blockmask", _compact_fake)
 def _compact_op(states: Tensor) -> Tensor:
-    km = _kernels("blockmask")
-    ws = km.Workspace(*states.shape, states.device, with_states=False)
-    _launcher(km.compact_block_states)(states, ws)
-    return ws.base[: _workspace_layout(*states.shape)[2]]  # without the scatter flags
+    # one plain int32 buffer written by the kernel (no dtype view or slices of a bigger
+    # allocation inside the op: Inductor replayed such views wrongly on the H100, which gave
+    # wrong backward lists and gradients in compiled training); carved into views outside
+    base = torch.empty(_workspace_layout(*states.shape)[2], dtype=torch.int32, device=states.device)
+    _launcher(_kernels("blockmask").compact_block_states)(states, base)
+    return base
 
 
 def compact_block_states(states: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:

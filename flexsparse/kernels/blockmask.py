@@ -246,16 +246,18 @@ def scatter_block_lists(
 _BLOCK_MAX = 1024
 
 
-def compact_block_states(states: torch.Tensor, ws: Workspace) -> None:
-    """Write the eight ordered list tensors of ``ws`` from a contiguous int8 state map
+def compact_block_states(states: torch.Tensor, ws: Workspace | torch.Tensor) -> None:
+    """Write the eight ordered list tensors of ``ws`` (a :class:`Workspace`, or its int32 base
+    buffer as one plain tensor, the op path) from a contiguous int8 state map
     ``[B, H, nQ, nKV]``. ``ws.compact_flags`` receives 1 for each output row that met a state
     outside {0, 1, 2} (such states count as empty), else 0."""
     B, H, nQ, nKV = states.shape
     BH = B * H
+    base = ws if isinstance(ws, torch.Tensor) else ws.base
     if BH == 0 or nQ == 0 or nKV == 0:
-        ws.base.zero_()
+        base.zero_()
         return
     block = max(16, min(_BLOCK_MAX, triton.next_power_of_2(max(nQ, nKV))))
     _compact_kernel[(nQ + nKV, BH)](
-        states, ws.base, BH, nQ, nKV, BLOCK=block, num_warps=max(1, min(8, block // 256))
+        states, base, BH, nQ, nKV, BLOCK=block, num_warps=max(1, min(8, block // 256))
     )
