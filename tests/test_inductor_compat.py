@@ -1,0 +1,83 @@
+"""What Inductor does to our Triton kernels under ``torch.compile`` (``triton_op`` path), checked
+on a CPU without a GPU. Each test pins a failure first seen on the H100:
+
+* Inductor copies a kernel's module globals into its generated source as ``repr`` text, so a
+  global ``tl.constexpr(float("inf"))`` became ``tl.constexpr(inf)``: NameError at compile time.
+* Inductor passes Python float arguments of user kernels as fp64, so a float argument that
+  meets a float32 loop-carried value changed the value's type: Triton compile error. The
+  registered kernels are compiled here for sm_90 with every float argument typed fp64.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import triton.language as tl
+
+# modules whose kernels run inside registered torch.library ops (flexsparse/ops.py)
+OP_KERNEL_MODULES = ("layout", "hash", "blockmask", "permute", "router", "dash_mask")
+
+
+@pytest.mark.parametrize("name", OP_KERNEL_MODULES + ("dash_attn", "dash_decode"))
+def test_kernel_module_constexpr_globals_survive_repr(name):
+    mod = importlib.import_module(f"flexsparse.kernels.{name}")
+    for key, val in vars(mod).items():
+        if isinstance(val, tl.constexpr):
+            text = repr(val.value)
+            try:
+                back = eval(text, {"__builtins__": {}})  # noqa: S307 - what Inductor's generated source does
+            except Exception as e:  # noqa: BLE001
+                raise AssertionError(f"{name}.{key} = tl.constexpr({text}) does not survive Inductor's copy: {e!r}")
+            assert back == val.value, (name, key, text)
+
+
+_FP64_SCRIPT = r"""
+import json
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from flexsparse.kernels import router as R, dash_mask as M
+
+PTR = {"q_ptr": "bf16", "kb_ptr": "bf16", "dq_ptr": "bf16", "states_ptr": "i8", "counts_ptr": "i32"}
+cases = [
+    (R._tau_kernel, dict(MAX_ITER=40, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, DOT_PREC="tf32")),
+    (R._pbar_kernel, dict(BLOCK_G=16, BLOCK_R=4, BLOCK_N=32, BLOCK_D=128, DOT_PREC="tf32")),
+    (R._dq_kernel, dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, DOT_PREC="tf32")),
+    (R._dkbar_kernel, dict(BLOCK_G=16, BLOCK_R=4, BLOCK_N=32, BLOCK_D=128, DOT_PREC="tf32")),
+    (M._dash_mask_kernel, dict(ACC=tl.float32, BLOCK_R=64, BLOCK_C=64, WITH_COUNTS=True, WITH_TABLE=True,
+                              EST_DIAG=True, FILLER=-1.0e4, LIMIT=1.0e4)),
+]
+FLOATS = {"xs", "zscale", "inv_g", "inv_sigma"}
+out = []
+for fn, consts in cases:
+    sig = {}
+    for a in fn.arg_names:
+        if a in consts:
+            sig[a] = "constexpr"
+        elif a.endswith("_ptr"):
+            sig[a] = "*" + PTR.get(a, "fp32")
+        else:
+            sig[a] = "fp64" if a in FLOATS else "i32"
+    assert any(v == "fp64" for v in sig.values()), fn
+    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": 4, "num_stages": 2})
+    out.append(fn.fn.__name__)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.triton
+def test_registered_kernels_compile_with_fp64_float_arguments():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _FP64_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(json.loads(proc.stdout.strip().splitlines()[-1])) == 5
