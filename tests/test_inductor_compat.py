@@ -81,3 +81,53 @@ def test_registered_kernels_compile_with_fp64_float_arguments():
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(json.loads(proc.stdout.strip().splitlines()[-1])) == 5
+
+
+# Inside a triton_op, Inductor functionalises the kernels' writes. Writes into views (slices of
+# one scratch allocation, a dtype view of a byte buffer) were replayed onto the wrong base on the
+# H100: an illegal memory access in compiled hash training (layout scratch) and wrong backward
+# block lists, hence wrong gradients (the BlockMask workspace). So every tensor an op body hands
+# to a kernel is either (a view of) one of the op's inputs or a whole allocation of its own.
+
+OP_NAMES = ("sorted_layout", "block_stats", "sorted_block_states", "scatter_block_lists", "compact_block_states",
+            "gather_rows", "router_tau", "router_pbar", "router_backward", "dash_mask_tables")
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_op_bodies_pass_kernels_whole_allocations(name, monkeypatch):
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("records kernel launches through the Triton interpreter")
+    from test_compile import _op_samples
+
+    seen = []
+    run = InterpretedFunction.run
+
+    def spy(self, *args, **kwargs):
+        seen.append((getattr(self.fn, "__name__", "?"), [a for a in args if isinstance(a, torch.Tensor)]))
+        return run(self, *args, **kwargs)
+
+    samples = _op_samples("cpu")[name]
+    monkeypatch.setattr(InterpretedFunction, "run", spy)
+    for args in samples:
+        inputs = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        seen.clear()
+        outs = getattr(torch.ops.flexsparse, name)(*args)
+        assert seen, f"{name}: no kernel launched"
+        for t in outs if isinstance(outs, (tuple, list)) else (outs,):
+            whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+            assert t._base is None and t.storage_offset() == 0 and whole, (
+                f"{name}: returns a view {tuple(t.shape)} {t.dtype} of a larger allocation"
+            )
+        for kernel, tensors in seen:
+            for t in tensors:
+                if t.untyped_storage().data_ptr() in inputs:
+                    continue
+                whole = t.untyped_storage().nbytes() == t.numel() * t.element_size()
+                assert t._base is None and t.storage_offset() == 0 and whole, (
+                    f"{name}: {kernel} got a view {tuple(t.shape)} {t.dtype} (offset {t.storage_offset()}) "
+                    "of an allocation made inside the op"
+                )
