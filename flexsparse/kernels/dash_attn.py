@@ -116,9 +116,10 @@ def _log_prior(pbar, ccols, ci_r, rvalid, mu, inv_sigma, ESTIMATE: tl.constexpr)
 
 
 @triton.jit
-def _fwd_tile(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, m_i, l_i, acc, qk2,
-              dcols, dmask, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Online-softmax update with keys ``c * C + j0 + [0, BLOCK_N)`` of chunk ``c``."""
+def _kv_scores(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, qk2, dcols, dmask,
+               BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Keys and values ``c * C + j0 + [0, BLOCK_N)`` of chunk ``c``, the biased logits (base 2)
+    and where they are allowed (active row, key inside the chunk and the sequence, causal)."""
     koff = j0 + tl.arange(0, BLOCK_N)
     kpos = c * C + koff
     kvalid = (koff < C) & (kpos < N)
@@ -128,7 +129,12 @@ def _fwd_tile(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, m_i, l
     v = tl.load(v_ptr + kvo, mask=kvm, other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2 + lp2[:, None]
     allowed = act_m[:, None] & kvalid[None, :] & (kpos[None, :] <= rows[:, None])
-    s = tl.where(allowed, s, float("-inf"))
+    return k, v, s, allowed
+
+
+@triton.jit
+def _softmax_update(s, v, m_i, l_i, acc, DOT_PREC: tl.constexpr):
+    """One online-softmax step with logits ``s`` (base 2, ``-inf`` where masked) and values ``v``."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_use)
@@ -139,18 +145,20 @@ def _fwd_tile(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, m_i, l
 
 
 @triton.jit
+def _fwd_tile(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, m_i, l_i, acc, qk2,
+              dcols, dmask, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online-softmax update with keys ``c * C + j0 + [0, BLOCK_N)`` of chunk ``c``."""
+    k, v, s, allowed = _kv_scores(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, qk2, dcols, dmask,
+                                  BLOCK_N, DOT_PREC)
+    return _softmax_update(tl.where(allowed, s, float("-inf")), v, m_i, l_i, acc, DOT_PREC)
+
+
+@triton.jit
 def _dq_tile(q, do, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, lse, delta, dq, dl_m,
              qk2, dcols, dmask, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """``dq += dS K`` and ``dl_m += rowsum(dS)`` with keys ``c * C + j0 + [0, BLOCK_N)``."""
-    koff = j0 + tl.arange(0, BLOCK_N)
-    kpos = c * C + koff
-    kvalid = (koff < C) & (kpos < N)
-    kvo = kv_base + kpos[:, None].to(tl.int64) * D + dcols[None, :]
-    kvm = kvalid[:, None] & dmask[None, :]
-    k = tl.load(k_ptr + kvo, mask=kvm, other=0.0)
-    v = tl.load(v_ptr + kvo, mask=kvm, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2 + lp2[:, None]
-    allowed = act_m[:, None] & kvalid[None, :] & (kpos[None, :] <= rows[:, None])
+    k, v, s, allowed = _kv_scores(q, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, qk2, dcols, dmask,
+                                  BLOCK_N, DOT_PREC)
     p = tl.where(allowed, tl.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -181,13 +189,7 @@ def _fwd_tile_past(q, k_ptr, v_ptr, kv_base, c, j0, C, D, lp2, m_i, l_i, acc, qk
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk2 + lp2[:, None]
     if MASK_K:
         s = tl.where((koff < C)[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_use)
-    p = tl.exp2(s - m_use[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return m_new, l_i, acc
+    return _softmax_update(s, v, m_i, l_i, acc, DOT_PREC)
 
 
 @triton.jit(do_not_specialize=["Hkv", "G", "N", "NF", "NCH", "C", "xs", "qk2", "inv_g", "inv_sigma"])
