@@ -87,7 +87,10 @@ def test_registered_kernels_compile_with_fp64_float_arguments():
 # one scratch allocation, a dtype view of a byte buffer) were replayed onto the wrong base on the
 # H100: an illegal memory access in compiled hash training (layout scratch) and wrong backward
 # block lists, hence wrong gradients (the BlockMask workspace). So every tensor an op body hands
-# to a kernel is either (a view of) one of the op's inputs or a whole allocation of its own.
+# to a kernel is either (a view of) one of the op's inputs or a whole allocation of its own, and
+# no allocation of its own goes to one launch twice: an output also passed as the stand-in for an
+# unused pointer came back unwritten in compiled DashAttention on the H100 (wrong block states,
+# NaN outputs), although eager and AOTAutograd without Inductor were right.
 
 OP_NAMES = ("sorted_layout", "block_stats", "sorted_block_states", "scatter_block_lists", "compact_block_states",
             "gather_rows", "router_tau", "router_pbar", "router_backward", "dash_mask_tables")
@@ -123,6 +126,11 @@ def test_op_bodies_pass_kernels_whole_allocations(name, monkeypatch):
                 f"{name}: returns a view {tuple(t.shape)} {t.dtype} of a larger allocation"
             )
         for kernel, tensors in seen:
+            made = [t.untyped_storage().data_ptr() for t in tensors if t.untyped_storage().data_ptr() not in inputs]
+            assert len(made) == len(set(made)), (
+                f"{name}: {kernel} got one allocation made inside the op as two arguments (a stand-in for an "
+                "unused pointer): functionalisation clones each argument apart and may hand back the unwritten copy"
+            )
             for t in tensors:
                 if t.untyped_storage().data_ptr() in inputs:
                     continue

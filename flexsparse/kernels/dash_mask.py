@@ -178,9 +178,14 @@ def dash_mask_tables(
     log_g = torch.empty(B, Hkv, N, dtype=torch.float32, device=dev) if est else None
     block_r = max(16, triton.next_power_of_2(q_block))
     block_c = max(16, min(triton.next_power_of_2(NC), max(1, 4096 // block_r)))
+    # unused pointers get their own one-element stand-ins, never another output: under a compiled
+    # triton_op each written argument is cloned apart and an aliased output came back unwritten
+    # (wrong block states and NaN outputs in compiled DashAttention on the H100)
+    def stand_in(t, dtype):
+        return torch.empty(1, dtype=dtype, device=dev) if t is None else t
+
     _dash_mask_kernel[(NQ, B * Hkv)](
-        p, states, states if counts is None else counts, states if table is None else table,
-        states if log_g is None else log_g,
+        p, states, stand_in(counts, torch.int32), stand_in(table, torch.float32), stand_in(log_g, torch.float32),
         N, NF, NC, NQ, C, q_block, groups, Hkv, 1.0 / sigma,
         ACC=tl.float64 if p.dtype == torch.float64 else tl.float32,
         BLOCK_R=block_r, BLOCK_C=block_c, WITH_COUNTS=with_counts, WITH_TABLE=with_table, EST_DIAG=est,

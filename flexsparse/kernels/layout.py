@@ -208,12 +208,14 @@ def sorted_layout(
     seg = torch.empty(R * (2 * NB + 2), dtype=torch.int32, device=dev)
     bad = torch.empty(R * C, dtype=torch.int32, device=dev)
     warps = 4
+    # an unused pointer gets its own one-element stand-in, never another output: under a compiled
+    # triton_op each written argument is cloned apart, and an aliased output came back unwritten
     _count_kernel[(C, R)](keys, cnt, bad, N, C, nb, NB=NB, CH=CH, FB=FB, FPW=FPW, NW=NW, num_warps=warps)
     CB = max(1, min(128, 4096 // NB))
     _scan_kernel[(R,)](cnt, bad, base, seg, flags, L, C, max(1, align), NB=NB, CB=CB, ALIGN=align > 0, num_warps=4)
     grid = (max(C, triton.cdiv(L, CH), NB if align else 1), R)
     _write_kernel[grid](
-        keys, base, seg, src, dst, pos, src if bkt is None else bkt,
+        keys, base, seg, src, dst, pos, torch.empty(1, dtype=torch.int32, device=dev) if bkt is None else bkt,
         N, L, C, nb, max(1, align), invalid_pos,
         NB=NB, CH=CH, FB=FB, FPW=FPW, NW=NW, ALIGN=align > 0, HAS_BKT=with_bucket,
         PADB=max(16, triton.next_power_of_2(max(1, align))), num_warps=warps,
