@@ -33,13 +33,23 @@ Operators (all outputs freshly allocated, int32 unless said; no input is mutated
 * ``router_tau(q [B,Hq,N,D], kbar [B,Hkv,nF,D], chunk_size, zscale, max_iter)`` -> float32
   ``tau [B,Hq,N]`` (DashAttention router threshold).
 * ``router_pbar(q, kbar, tau, chunk_size, zscale)`` -> float32 ``pbar [B,Hkv,N,nF]``.
-* ``router_backward(q, kbar, tau, dpbar [B,Hkv,N,nF], chunk_size, zscale)`` -> ``dq`` (like
-  ``q``, contiguous), float32 ``dkbar [B,Hkv,nF,D]``, float32 ``r [B,Hq,N]``. The router's
-  autograd lives in :mod:`flexsparse.patterns.router` (an ``autograd.Function`` over these ops).
+* ``router_backward(q, kbar, tau, dpbar [B,Hkv,N,nF], chunk_size, zscale, dq_float32=False)`` ->
+  ``dq`` (like ``q``, contiguous; float32 with ``dq_float32``), float32 ``dkbar [B,Hkv,nF,D]``,
+  float32 ``r [B,Hq,N]``. The router's autograd lives in :mod:`flexsparse.patterns.router` (an
+  ``autograd.Function`` over these ops).
 * ``dash_mask_tables(p [B,Hkv,N,nF], chunk_size, q_block, groups, with_counts, with_table,
   estimate_diagonal, sigma, filler, limit)`` -> int8 ``states [B,Hkv*groups,nQ,nC]``, int32
   ``counts [B,Hkv,N]``, float32 ``table [B,Hkv,nC,N]``; an output that was not asked for is an
   empty ``[0]`` tensor (:func:`dash_mask_tables` maps it back to None).
+* ``dash_attn_forward(q [B,Hq,N,D], k, v [B,Hkv,N,D], kbar [B,Hkv,nF,D], tau [B,Hq,N],
+  chunk_size, zscale, scale, estimate_diagonal, sigma)`` -> ``out [B,Hq,N,D]`` (``q.dtype``),
+  float32 ``lse [B,Hq,N]``, float32 ``mu [B,Hkv,N]`` (``[B,Hkv,0]`` without
+  ``estimate_diagonal``), int32 ``counts [B,Hkv,N]`` (fused DashAttention stage 2).
+* ``dash_attn_backward(q, k, v, kbar, tau, out, lse, mu, dout, chunk_size, zscale, scale,
+  estimate_diagonal, sigma)`` -> float32 ``dq [B,Hq,N,D]``, ``dk``, ``dv [B,Hkv,N,D]`` (``k.dtype``),
+  float32 ``dpbar [B,Hkv,N,nF]``. The autograd of both lives in
+  :mod:`flexsparse.patterns.dash_triton`. The launchers' tile overrides (``blocks``) are not op
+  arguments: the wrappers take them in eager mode only (direct launches).
 
 The Python functions below have the launchers' signatures and are what the patterns call.
 Outside ``torch.compile`` they call the launchers directly: going through the dispatcher costs
@@ -70,6 +80,8 @@ __all__ = [
     "router_pbar",
     "router_backward",
     "dash_mask_tables",
+    "dash_attn_forward",
+    "dash_attn_backward",
 ]
 
 
@@ -467,30 +479,38 @@ def router_pbar(q: Tensor, kbar: Tensor, tau: Tensor, chunk_size: int, zscale: f
     return torch.ops.flexsparse.router_pbar(q.detach(), kbar.detach(), tau.detach(), chunk_size, zscale)
 
 
-def _router_backward_fake(q, kbar, tau, dpbar, chunk_size, zscale):
+def _router_backward_allocs(q, kbar, dq_float32):
     B, Hq, N, D = q.shape
     Hkv, nF = kbar.shape[1], kbar.shape[2]
     f32 = torch.float32
-    return q.new_empty((B, Hq, N, D)), q.new_empty((B, Hkv, nF, D), dtype=f32), q.new_empty((B, Hq, N), dtype=f32)
+    dq = q.new_empty((B, Hq, N, D), dtype=f32 if dq_float32 else q.dtype)
+    return dq, q.new_empty((B, Hkv, nF, D), dtype=f32), q.new_empty((B, Hq, N), dtype=f32)
+
+
+def _router_backward_fake(q, kbar, tau, dpbar, chunk_size, zscale, dq_float32=False):
+    return _router_backward_allocs(q, kbar, dq_float32)
 
 
 @_register("router_backward", "router", _router_backward_fake)
 def _router_backward_op(
-    q: Tensor, kbar: Tensor, tau: Tensor, dpbar: Tensor, chunk_size: int, zscale: float
+    q: Tensor, kbar: Tensor, tau: Tensor, dpbar: Tensor, chunk_size: int, zscale: float, dq_float32: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return _launcher(_kernels("router").router_backward)(q, kbar, tau, dpbar, chunk_size, zscale)
+    fn = _launcher(_kernels("router").router_backward)
+    return fn(q, kbar, tau, dpbar, chunk_size, zscale, outs=_router_backward_allocs(q, kbar, dq_float32))
 
 
 def router_backward(
-    q: Tensor, kbar: Tensor, tau: Tensor, dpbar: Tensor, chunk_size: int, zscale: float
+    q: Tensor, kbar: Tensor, tau: Tensor, dpbar: Tensor, chunk_size: int, zscale: float, *, dq_float32: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Registered :func:`flexsparse.kernels.router.router_backward`: ``(dq, dkbar, r)`` =
-    ``dq [B, Hq, N, D]`` contiguous in ``q.dtype``, float32 ``dkbar [B, Hkv, N // C, D]`` and
+    ``dq [B, Hq, N, D]`` contiguous in ``q.dtype`` (float32 with ``dq_float32``: to be summed
+    with another float32 gradient before one rounding), float32 ``dkbar [B, Hkv, N // C, D]`` and
     float32 ``r [B, Hq, N]``, for the gradient ``dpbar [B, Hkv, N, N // C]`` of ``router_pbar``."""
     if _eager(q, kbar, tau, dpbar):
-        return _kernels("router").router_backward(q, kbar, tau, dpbar, chunk_size, zscale)
+        outs = _router_backward_allocs(q, kbar, dq_float32) if dq_float32 else None
+        return _kernels("router").router_backward(q, kbar, tau, dpbar, chunk_size, zscale, outs=outs)
     return torch.ops.flexsparse.router_backward(
-        q.detach(), kbar.detach(), tau.detach(), dpbar.detach(), chunk_size, zscale
+        q.detach(), kbar.detach(), tau.detach(), dpbar.detach(), chunk_size, zscale, dq_float32
     )
 
 
@@ -559,3 +579,150 @@ def dash_mask_tables(
         p.detach(), chunk_size, q_block, groups, with_counts, with_table, estimate_diagonal, sigma, filler, limit
     )
     return states, (counts if with_counts else None), (table if with_table else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# DashAttention stage 2 (fused router + attention kernels)
+
+
+def _dash_attn_forward_fake(q, k, v, kbar, tau, chunk_size, zscale, scale, estimate_diagonal, sigma):
+    B, Hq, N, D = q.shape
+    Hkv = k.shape[1]
+    f32 = torch.float32
+    return (
+        q.new_empty((B, Hq, N, D)),
+        q.new_empty((B, Hq, N), dtype=f32),
+        q.new_empty((B, Hkv, N if estimate_diagonal else 0), dtype=f32),
+        q.new_empty((B, Hkv, N), dtype=torch.int32),
+    )
+
+
+@_register("dash_attn_forward", "dash_attn", _dash_attn_forward_fake)
+def _dash_attn_forward_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kbar: Tensor,
+    tau: Tensor,
+    chunk_size: int,
+    zscale: float,
+    scale: float,
+    estimate_diagonal: bool,
+    sigma: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    fn = _launcher(_kernels("dash_attn").dash_attn_forward)
+    return fn(q, k, v, kbar, tau, chunk_size, zscale, scale, estimate_diagonal=estimate_diagonal, sigma=sigma)
+
+
+def _eager_only_blocks(blocks, *tensors: Tensor | None) -> bool:
+    """True when ``blocks`` (tile overrides) is given: they are launcher arguments, not op
+    arguments, so they run eager only."""
+    if blocks is None:
+        return False
+    if not _eager(*tensors):
+        raise ValueError(
+            "tile overrides (blocks) of the DashAttention kernels work in eager mode only (they are not "
+            "arguments of the registered ops): drop them under torch.compile and other tracers"
+        )
+    return True
+
+
+def dash_attn_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kbar: Tensor,
+    tau: Tensor,
+    chunk_size: int,
+    zscale: float,
+    scale: float,
+    *,
+    estimate_diagonal: bool = False,
+    sigma: float = 1.0,
+    blocks: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Registered :func:`flexsparse.kernels.dash_attn.dash_attn_forward`: ``(out, lse, mu,
+    counts)`` = ``out [B, Hq, N, D]`` in ``q.dtype``, float32 base-2 ``lse [B, Hq, N]``, float32
+    ``mu [B, Hkv, N]`` (``[B, Hkv, 0]`` without ``estimate_diagonal``) and int32 ``counts [B, Hkv,
+    N]``, for ``q [B, Hq, N, D]``, ``k, v [B, Hkv, N, D]``, ``kbar [B, Hkv, N // C, D]`` (one dtype)
+    and float32 ``tau [B, Hq, N]``. Not differentiable by itself (see
+    :mod:`flexsparse.patterns.dash_triton`). ``blocks`` (tile overrides, see
+    :func:`flexsparse.kernels.dash_attn.attn_config`): eager only (raises ``ValueError`` while
+    tracing)."""
+    if _eager_only_blocks(blocks, q, k, v, kbar, tau) or _eager(q, k, v, kbar, tau):
+        return _kernels("dash_attn").dash_attn_forward(
+            q, k, v, kbar, tau, chunk_size, zscale, scale, estimate_diagonal=estimate_diagonal, sigma=sigma,
+            blocks=blocks,
+        )
+    return torch.ops.flexsparse.dash_attn_forward(
+        q.detach(), k.detach(), v.detach(), kbar.detach(), tau.detach(), chunk_size, float(zscale), float(scale),
+        bool(estimate_diagonal), float(sigma),
+    )
+
+
+def _dash_attn_backward_fake(q, k, v, kbar, tau, out, lse, mu, dout, chunk_size, zscale, scale, estimate_diagonal,
+                             sigma):
+    B, Hq, N, D = q.shape
+    Hkv, nF = k.shape[1], kbar.shape[2]
+    f32 = torch.float32
+    return (
+        q.new_empty((B, Hq, N, D), dtype=f32),
+        q.new_empty((B, Hkv, N, D), dtype=k.dtype),
+        q.new_empty((B, Hkv, N, D), dtype=v.dtype),
+        q.new_empty((B, Hkv, N, nF), dtype=f32),
+    )
+
+
+@_register("dash_attn_backward", "dash_attn", _dash_attn_backward_fake)
+def _dash_attn_backward_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kbar: Tensor,
+    tau: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mu: Tensor,
+    dout: Tensor,
+    chunk_size: int,
+    zscale: float,
+    scale: float,
+    estimate_diagonal: bool,
+    sigma: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    fn = _launcher(_kernels("dash_attn").dash_attn_backward)
+    return fn(q, k, v, kbar, tau, out, lse, mu, dout, chunk_size, zscale, scale, estimate_diagonal=estimate_diagonal,
+              sigma=sigma)
+
+
+def dash_attn_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kbar: Tensor,
+    tau: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mu: Tensor,
+    dout: Tensor,
+    chunk_size: int,
+    zscale: float,
+    scale: float,
+    *,
+    estimate_diagonal: bool = False,
+    sigma: float = 1.0,
+    blocks: dict | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Registered :func:`flexsparse.kernels.dash_attn.dash_attn_backward`: ``(dq, dk, dv,
+    dpbar)`` = float32 ``dq [B, Hq, N, D]`` (attention part), ``dk, dv [B, Hkv, N, D]`` in
+    ``k.dtype`` and float32 ``dpbar [B, Hkv, N, N // C]`` (the router's input gradient, for
+    :func:`router_backward`), from the forward's inputs, its ``out, lse, mu`` and ``dout [B, Hq,
+    N, D]``. ``blocks``: eager only, as in :func:`dash_attn_forward`."""
+    tensors = (q, k, v, kbar, tau, out, lse, mu, dout)
+    if _eager_only_blocks(blocks, *tensors) or _eager(*tensors):
+        return _kernels("dash_attn").dash_attn_backward(
+            *tensors, chunk_size, zscale, scale, estimate_diagonal=estimate_diagonal, sigma=sigma, blocks=blocks,
+        )
+    return torch.ops.flexsparse.dash_attn_backward(
+        *(t.detach() for t in tensors), chunk_size, float(zscale), float(scale), bool(estimate_diagonal), float(sigma),
+    )

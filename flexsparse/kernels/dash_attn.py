@@ -200,6 +200,11 @@ def _fwd_kernel(
     BLOCK_NC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_SUB: tl.constexpr, MASK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64: float32 before they meet loop-carried values
+    xs = tl.cast(xs, tl.float32)
+    qk2 = tl.cast(qk2, tl.float32)
+    inv_g = tl.cast(inv_g, tl.float32)
+    inv_sigma = tl.cast(inv_sigma, tl.float32)
     pid = tl.program_id(0)
     bk = tl.program_id(1).to(tl.int64)  # b * Hkv + KV head
     row0 = pid * BLOCK_R
@@ -307,6 +312,12 @@ def _bwd_dq_kernel(
     ESTIMATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_NC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64: float32 before they meet loop-carried values
+    xs = tl.cast(xs, tl.float32)
+    qk2 = tl.cast(qk2, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    inv_g = tl.cast(inv_g, tl.float32)
+    inv_sigma = tl.cast(inv_sigma, tl.float32)
     pid = tl.program_id(0)
     bk = tl.program_id(1).to(tl.int64)
     row0 = pid * BLOCK_R
@@ -410,6 +421,12 @@ def _bwd_dkdv_kernel(
     ESTIMATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, FLAG_T: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
+    # Inductor passes Python floats as fp64: float32 before they meet loop-carried values
+    xs = tl.cast(xs, tl.float32)
+    qk2 = tl.cast(qk2, tl.float32)
+    scale = tl.cast(scale, tl.float32)
+    inv_g = tl.cast(inv_g, tl.float32)
+    inv_sigma = tl.cast(inv_sigma, tl.float32)
     pid = tl.program_id(0)
     bk = tl.program_id(1).to(tl.int64)
     c = pid // NSUB
@@ -519,7 +536,7 @@ def attn_config(G: int, D: int, C: int, device: torch.device, *, dtype: torch.dt
     """
     bd = _block_d(D)
     block_g = triton.next_power_of_2(G)
-    row_bytes = bd * torch.empty((), dtype=dtype).element_size()
+    row_bytes = bd * dtype.itemsize
     cap = 64 if row_bytes <= 256 else (32 if row_bytes <= 512 else 16)
     cfg = {
         "BLOCK_R": max(1, 64 // block_g),
@@ -609,8 +626,11 @@ def dash_attn_forward(
     # per-program scratch of the chunk lists (int32) and log priors (float32 x BLOCK_R)
     ids = torch.empty(B * Hkv * nqb * nch, dtype=torch.int32, device=dev)
     lpt = torch.empty(B * Hkv * nqb * nch * cfg["BLOCK_R"], dtype=torch.float32, device=dev)
+    # without estimate_diagonal the kernel never touches mu_ptr: a stand-in of its own (under
+    # torch.compile an output passed twice to one launch may come back unwritten)
+    mu_arg = mu if estimate_diagonal else torch.empty(1, dtype=torch.float32, device=dev)
     _fwd_kernel[(nqb, B * Hkv)](
-        q, k, v, kbar, tau, out, lse, mu if estimate_diagonal else lse, counts, ids, lpt,
+        q, k, v, kbar, tau, out, lse, mu_arg, counts, ids, lpt,
         Hkv, G, N, NF, nch, chunk_size, D, cs["xs"], cs["qk2"], cs["inv_g"], 1.0 / float(sigma),
         ESTIMATE=bool(estimate_diagonal), BLOCK_G=cfg["BLOCK_G"], BLOCK_R=cfg["BLOCK_R"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_NC=cfg["BLOCK_NC"], BLOCK_D=_block_d(D),
@@ -674,7 +694,7 @@ def dash_attn_backward(
     NQB = triton.cdiv(N, BR)
     delta = torch.empty(B, Hq, N, dtype=torch.float32, device=dev)
     flags = torch.empty(B, Hkv, NCH, NQB, dtype=torch.int8, device=dev)
-    mu_arg = mu.contiguous() if estimate_diagonal else lse
+    mu_arg = mu.contiguous() if estimate_diagonal else torch.empty(1, dtype=torch.float32, device=dev)
     common = dict(
         ESTIMATE=bool(estimate_diagonal), BLOCK_G=cfg["BLOCK_G"], BLOCK_R=BR, BLOCK_N=BN,
         BLOCK_D=_block_d(D), DOT_PREC=_dot_prec(q.dtype), num_warps=cfg["num_warps"],

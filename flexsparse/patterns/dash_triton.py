@@ -12,6 +12,12 @@ The function of :func:`flexsparse.reference.dash_attention`, computed as
 Backward (:class:`_DashTritonFn`): the stage-2 kernels give ``dq, dk, dv`` and ``d pbar``;
 :func:`flexsparse.kernels.router.router_backward` turns ``d pbar`` into the router's share of
 ``dq`` and into ``d kbar``, which autograd carries through ``chunk_summaries`` into ``k`` and ``w``.
+
+Every kernel is reached through the registered ops of :mod:`flexsparse.ops`
+(``dash_attn_forward``, ``dash_attn_backward``, ``router_tau``, ``router_backward``), so
+``torch.compile(fullgraph=True)`` traces the whole path, forward and backward, into one graph
+(Inductor inlines the Triton kernels on CUDA); in eager mode the ops launch the kernels directly.
+The tile overrides ``blocks`` are eager only.
 """
 
 from __future__ import annotations
@@ -34,42 +40,42 @@ _MAX_HEAD_DIM = 256
 
 
 class _DashTritonFn(torch.autograd.Function):
-    """``(q, k, v, kbar, tau) -> (out, counts)``; gradients for ``q, k, v, kbar``."""
+    """``(q, k, v, kbar, tau) -> (out, counts)``; gradients for ``q, k, v, kbar``.
+
+    The kernels are reached through the registered ops of :mod:`flexsparse.ops` (direct launches
+    in eager mode, ``torch.ops.flexsparse.dash_attn_*`` / ``router_backward`` under
+    ``torch.compile``, where Dynamo traces this Function's forward and backward into one graph)."""
 
     @staticmethod
     def forward(ctx, q, k, v, kbar, tau, C, zscale, scale, estimate_diagonal, sigma, blocks):
-        from flexsparse.kernels import dash_attn as K
+        from flexsparse import ops
 
-        fwd_blocks = (blocks or {}).get("fwd")
-        out, lse, mu, counts = K.dash_attn_forward(
+        out, lse, mu, counts = ops.dash_attn_forward(
             q, k, v, kbar, tau, C, zscale, scale,
-            estimate_diagonal=estimate_diagonal, sigma=sigma, blocks=fwd_blocks,
+            estimate_diagonal=estimate_diagonal, sigma=sigma, blocks=None if blocks is None else blocks.get("fwd"),
         )
         ctx.save_for_backward(q, k, v, kbar, tau, out, lse, mu)
-        ctx.cfg = (C, zscale, scale, estimate_diagonal, sigma, (blocks or {}).get("bwd"))
+        ctx.cfg = (C, zscale, scale, estimate_diagonal, sigma, None if blocks is None else blocks.get("bwd"))
         ctx.mark_non_differentiable(counts)
         return out, counts
 
     @staticmethod
     def backward(ctx, dout, dcounts):
-        from flexsparse.kernels import dash_attn as K
-        from flexsparse.kernels import router as R
+        from flexsparse import ops
 
         q, k, v, kbar, tau, out, lse, mu = ctx.saved_tensors
         C, zscale, scale, estimate_diagonal, sigma, bwd_blocks = ctx.cfg
         nq, nk, nv, nkb = ctx.needs_input_grad[:4]
         if dout is None:
             return (None,) * 11
-        dq, dk, dv, dpbar = K.dash_attn_backward(
+        dq, dk, dv, dpbar = ops.dash_attn_backward(
             q, k, v, kbar, tau, out, lse, mu, dout, C, zscale, scale,
             estimate_diagonal=estimate_diagonal, sigma=sigma, blocks=bwd_blocks,
         )
         dkbar = None
         if nq or nkb:
-            dq_router = torch.empty_like(dq)  # float32: summed with the attention part below
-            dkbar = torch.empty(kbar.shape, dtype=torch.float32, device=kbar.device)
-            r = torch.empty_like(tau)
-            R.router_backward(q, kbar, tau, dpbar, C, zscale, outs=(dq_router, dkbar, r))
+            # the router's share of dq in float32, summed with the attention part before rounding
+            dq_router, dkbar, _ = ops.router_backward(q, kbar, tau, dpbar, C, zscale, dq_float32=True)
             dq += dq_router
             dkbar = dkbar.to(kbar.dtype) if nkb else None
         return (
@@ -108,7 +114,8 @@ def dash_attention_triton(
             :func:`flexsparse.patterns.dash.dash_sparsity`), from per-row counts the forward
             kernel writes.
         blocks: tile overrides, ``{"fwd": {...}, "bwd": {...}}`` (see
-            :func:`flexsparse.kernels.dash_attn.attn_config`).
+            :func:`flexsparse.kernels.dash_attn.attn_config`); eager mode only (they are not
+            arguments of the registered ops: ``ValueError`` under ``torch.compile``).
 
     Returns:
         ``[B, Hq, N, D]`` in ``q.dtype`` (differentiable in ``q, k, v, w``), or ``(out, stats)``.
