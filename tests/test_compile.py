@@ -74,10 +74,19 @@ def _dash_samples(device):
     dpbar = torch.randn_like(pbar)
     sel = (torch.rand_like(pbar) < 0.5).float()
     mask = lambda p, cnt, tab, est, sigma: (p, C, 16, 2, cnt, tab, est, sigma, -1.0e30, 1.0e25)  # noqa: E731
+    # the fused attention kernels (stage 2): both prior modes
+    k, v = torch.randn(B, Hkv, N, D, device=device), torch.randn(B, Hkv, N, D, device=device)
+    attn_fwd = [(q, k, v, kbar, tau, C, zs, 0.25, est, sigma) for est, sigma in ((False, 1.0), (True, 0.7))]
+    attn_bwd = []
+    for args in attn_fwd:
+        out, lse, mu, _ = ops.dash_attn_forward(*args[:8], estimate_diagonal=args[8], sigma=args[9])
+        attn_bwd.append((*args[:5], out, lse, mu, torch.randn_like(out), *args[5:]))
     return {
         "router_tau": [(q, kbar, C, zs, 40), (q.half(), kbar.half(), C, zs, 3)],
         "router_pbar": [(q, kbar, tau, C, zs)],
-        "router_backward": [(q, kbar, tau, dpbar, C, zs)],
+        "router_backward": [(q, kbar, tau, dpbar, C, zs), (q, kbar, tau, dpbar, C, zs, True)],
+        "dash_attn_forward": attn_fwd,
+        "dash_attn_backward": attn_bwd,
         "dash_mask_tables": [
             mask(pbar, True, True, False, 1.0),
             mask(pbar, False, True, True, 0.5),
@@ -101,6 +110,8 @@ def _dash_samples(device):
         "router_pbar",
         "router_backward",
         "dash_mask_tables",
+        "dash_attn_forward",
+        "dash_attn_backward",
     ],
 )
 def test_opcheck(name, device):

@@ -5,7 +5,8 @@ on a CPU without a GPU. Each test pins a failure first seen on the H100:
   global ``tl.constexpr(float("inf"))`` became ``tl.constexpr(inf)``: NameError at compile time.
 * Inductor passes Python float arguments of user kernels as fp64, so a float argument that
   meets a float32 loop-carried value changed the value's type: Triton compile error. The
-  registered kernels are compiled here for sm_90 with every float argument typed fp64.
+  registered kernels (router, mask tables, fused DashAttention forward and backward) are
+  compiled here for sm_90 with every float argument typed fp64.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import pytest
 import triton.language as tl
 
 # modules whose kernels run inside registered torch.library ops (flexsparse/ops.py)
-OP_KERNEL_MODULES = ("layout", "hash", "blockmask", "permute", "router", "dash_mask")
+OP_KERNEL_MODULES = ("layout", "hash", "blockmask", "permute", "router", "dash_mask", "dash_attn")
 
 
-@pytest.mark.parametrize("name", OP_KERNEL_MODULES + ("dash_attn", "dash_decode"))
+@pytest.mark.parametrize("name", OP_KERNEL_MODULES + ("dash_decode",))
 def test_kernel_module_constexpr_globals_survive_repr(name):
     mod = importlib.import_module(f"flexsparse.kernels.{name}")
     for key, val in vars(mod).items():
@@ -41,9 +42,13 @@ import json
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from flexsparse.kernels import router as R, dash_mask as M
+from flexsparse.kernels import router as R, dash_mask as M, dash_attn as A
 
 PTR = {"q_ptr": "bf16", "kb_ptr": "bf16", "dq_ptr": "bf16", "states_ptr": "i8", "counts_ptr": "i32"}
+# the fused DashAttention kernels: bf16 q/k/v/o, float32 dq and statistics
+ATTN_PTR = {**{p: "bf16" for p in ("k_ptr", "v_ptr", "o_ptr", "do_ptr", "dk_ptr", "dv_ptr")},
+            "dq_ptr": "fp32", "cnt_ptr": "i32", "ids_ptr": "i32", "flag_ptr": "i8"}
+ATTN = dict(BLOCK_G=4, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128, DOT_PREC="tf32")
 cases = [
     (R._tau_kernel, dict(MAX_ITER=40, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, DOT_PREC="tf32")),
     (R._pbar_kernel, dict(BLOCK_G=16, BLOCK_R=4, BLOCK_N=32, BLOCK_D=128, DOT_PREC="tf32")),
@@ -51,21 +56,27 @@ cases = [
     (R._dkbar_kernel, dict(BLOCK_G=16, BLOCK_R=4, BLOCK_N=32, BLOCK_D=128, DOT_PREC="tf32")),
     (M._dash_mask_kernel, dict(ACC=tl.float32, BLOCK_R=64, BLOCK_C=64, WITH_COUNTS=True, WITH_TABLE=True,
                               EST_DIAG=True, FILLER=-1.0e4, LIMIT=1.0e4)),
+    (A._fwd_kernel, dict(ATTN, ESTIMATE=True, BLOCK_NC=32, ONE_SUB=False, MASK_K=True), ATTN_PTR),
+    (A._bwd_dq_kernel, dict(ATTN, ESTIMATE=True, BLOCK_NC=32, ONE_SUB=False), ATTN_PTR),
+    (A._bwd_dkdv_kernel, dict(ATTN, ESTIMATE=True, FLAG_T=64), ATTN_PTR),
 ]
-FLOATS = {"xs", "zscale", "inv_g", "inv_sigma"}
+FLOATS = {"xs", "zscale", "inv_g", "inv_sigma", "qk2", "scale"}
 out = []
-for fn, consts in cases:
+for fn, consts, *ptr in cases:
+    ptr = {**PTR, **ptr[0]} if ptr else PTR
     sig = {}
     for a in fn.arg_names:
         if a in consts:
             sig[a] = "constexpr"
         elif a.endswith("_ptr"):
-            sig[a] = "*" + PTR.get(a, "fp32")
+            sig[a] = "*" + ptr.get(a, "fp32")
         else:
             sig[a] = "fp64" if a in FLOATS else "i32"
     assert any(v == "fp64" for v in sig.values()), fn
-    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": 4, "num_stages": 2})
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 2})
+    # the fp64 arguments are cast once: no tile is computed in fp64 (eager runs them in fp32)
+    assert "xf64>" not in k.asm["ttir"], (fn.fn.__name__, "computes tiles in fp64")
     out.append(fn.fn.__name__)
 print(json.dumps(out))
 """
@@ -80,7 +91,7 @@ def test_registered_kernels_compile_with_fp64_float_arguments():
     proc = subprocess.run([sys.executable, "-c", _FP64_SCRIPT], env=env, cwd=root, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(json.loads(proc.stdout.strip().splitlines()[-1])) == 5
+    assert len(json.loads(proc.stdout.strip().splitlines()[-1])) == 8
 
 
 # Inside a triton_op, Inductor functionalises the kernels' writes. Writes into views (slices of
@@ -93,7 +104,8 @@ def test_registered_kernels_compile_with_fp64_float_arguments():
 # NaN outputs), although eager and AOTAutograd without Inductor were right.
 
 OP_NAMES = ("sorted_layout", "block_stats", "sorted_block_states", "scatter_block_lists", "compact_block_states",
-            "gather_rows", "router_tau", "router_pbar", "router_backward", "dash_mask_tables")
+            "gather_rows", "router_tau", "router_pbar", "router_backward", "dash_mask_tables", "dash_attn_forward",
+            "dash_attn_backward")
 
 
 @pytest.mark.triton
