@@ -492,6 +492,111 @@ def test_dash_router_and_mask_compile_with_autograd(device, fresh_dynamo):
         assert torch.equal(g, w)
 
 
+def test_dash_attn_ops_match_launchers_and_trace(device):
+    """The fused DashAttention ops return what the launchers return (bitwise), both prior modes;
+    the wrappers go through the ops under a tracer (make_fx with fake tensors), the router
+    backward with a float32 ``dq`` too; the launchers' tile overrides are refused while tracing."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from flexsparse.kernels import dash_attn as K
+
+    B, Hq, Hkv, N, D, C = 1, 4, 2, 45, 16, 8
+    q = torch.randn(B, Hq, N, D, device=device)
+    k, v = torch.randn(B, Hkv, N, D, device=device), torch.randn(B, Hkv, N, D, device=device)
+    kbar = torch.randn(B, Hkv, N // C, D, device=device)
+    tau = ops.router_tau(q, kbar, C, 0.5)
+    dout = torch.randn_like(q)
+    for est, sigma in ((False, 1.0), (True, 0.6)):
+        got = torch.ops.flexsparse.dash_attn_forward(q, k, v, kbar, tau, C, 0.5, 0.25, est, sigma)
+        want = K.dash_attn_forward(q, k, v, kbar, tau, C, 0.5, 0.25, estimate_diagonal=est, sigma=sigma)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and g.dtype == w.dtype and torch.equal(g, w)
+        got = torch.ops.flexsparse.dash_attn_backward(q, k, v, kbar, tau, *want[:3], dout, C, 0.5, 0.25, est, sigma)
+        want = K.dash_attn_backward(q, k, v, kbar, tau, *want[:3], dout, C, 0.5, 0.25, estimate_diagonal=est,
+                                    sigma=sigma)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and torch.equal(g, w)
+
+    def f(q, k, v, kbar, tau, dout):
+        kw = dict(estimate_diagonal=True, sigma=0.6)
+        out, lse, mu, counts = ops.dash_attn_forward(q, k, v, kbar, tau, C, 0.5, 0.25, **kw)
+        dq, dk, dv, dpbar = ops.dash_attn_backward(q, k, v, kbar, tau, out, lse, mu, dout, C, 0.5, 0.25, **kw)
+        dq_r, dkbar, _ = ops.router_backward(q.half(), kbar.half(), tau, dpbar, C, 0.5, dq_float32=True)
+        return out, counts, dq, dk, dv, dpbar, dq_r, dkbar
+
+    args = (q, k, v, kbar, tau, dout)
+    gm = make_fx(f, tracing_mode="fake")(*args)
+    for name in ("dash_attn_forward", "dash_attn_backward", "router_backward"):
+        assert f"flexsparse.{name}" in gm.code, name
+    got, want = gm(*args), f(*args)
+    assert want[6].dtype == torch.float32  # dq_float32 with a half q
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+    with pytest.raises(ValueError, match="eager mode only"):
+        make_fx(lambda *a: ops.dash_attn_forward(*a, C, 0.5, 0.25, blocks={"BLOCK_N": 16}), tracing_mode="fake")(
+            q, k, v, kbar, tau
+        )
+
+
+class _AOTRecorder:
+    """A Dynamo backend: counts frames and runs AOTAutograd with eager kernels, keeping the code of
+    its forward and backward graphs."""
+
+    def __init__(self):
+        self.frame_count, self.fw, self.bw = 0, [], []
+
+    def __call__(self, gm, inputs):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def keep(codes):
+            def compiler(g, _):
+                codes.append(g.code)
+                return make_boxed_func(g.forward)
+
+            return compiler
+
+        self.frame_count += 1
+        return aot_autograd(fw_compiler=keep(self.fw), bw_compiler=keep(self.bw))(gm, inputs)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("estimate_diagonal", [False, True])
+def test_dash_triton_compiles_with_autograd(estimate_diagonal, device, fresh_dynamo):
+    """dash_attention(backend="triton") under torch.compile(fullgraph=True) with AOTAutograd (eager
+    kernels): one frame; the forward graph calls the router and fused attention ops, the backward
+    graph the attention and router backward ops; output, kept fraction and the gradients of q, k,
+    v and w equal eager (odd length, a partial last chunk, GQA)."""
+    from flexsparse.functional import dash_attention
+
+    B, Hq, Hkv, N, D, C = 1, 4, 2, 45, 16, 8
+    q = torch.randn(B, Hq, N, D, device=device, requires_grad=True)
+    k = torch.randn(B, Hkv, N, D, device=device, requires_grad=True)
+    v = torch.randn(B, Hkv, N, D, device=device, requires_grad=True)
+    w = (0.5 * torch.randn(Hkv, D, device=device)).requires_grad_()
+    do = torch.randn(B, Hq, N, D, device=device)
+
+    def f(q, k, v, w):
+        out, stats = dash_attention(q, k, v, w, chunk_size=C, gamma=3.0, estimate_diagonal=estimate_diagonal,
+                                    sigma=0.8, backend="triton", return_stats=True)
+        return out, stats["kept_fraction"]
+
+    rec = _AOTRecorder()
+    got = torch.compile(f, backend=rec, fullgraph=True)(q, k, v, w)
+    got_grads = torch.autograd.grad((got[0] * do).sum(), (q, k, v, w))
+    want = f(q, k, v, w)
+    want_grads = torch.autograd.grad((want[0] * do).sum(), (q, k, v, w))
+    assert rec.frame_count == 1 and len(rec.fw) == 1 and len(rec.bw) == 1
+    for name in ("router_tau", "dash_attn_forward"):
+        assert f"flexsparse.{name}" in rec.fw[0], name
+    for name in ("dash_attn_backward", "router_backward"):
+        assert f"flexsparse.{name}" in rec.bw[0], name
+    assert float(want[1]) < 0.99  # the router drops chunks
+    for name, g, w_ in zip(("out", "kept", "dq", "dk", "dv", "dw"), got + got_grads, want + want_grads):
+        assert torch.equal(g, w_), name
+    assert want_grads[3].abs().sum() > 0  # the summary vector gets a gradient through the router
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: training a compiled model
 
