@@ -51,7 +51,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1100)
     ap.add_argument("--gamma", type=float, default=64.0)
     ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--isolate", action="store_true", help="only the FlexAttention-call variants")
+    ap.add_argument("--out", default=None, help="write Inductor's code of the variants here")
     a = ap.parse_args()
+    if a.isolate:
+        isolate(a.out)
+        return
     torch.manual_seed(0)
     dev, dt = "cuda", torch.bfloat16
     B, Hq, Hkv, N, D, C = 2, 4, 2, a.n, 64, a.chunk
@@ -138,3 +143,49 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def isolate(out_dir: str | None) -> None:
+    """Variants of one compiled FlexAttention call with the DashAttention mask/prior, to find the
+    piece Inductor gets wrong: mask impl (triton op / torch), tables made inside or outside the
+    graph, mask_mod reading the table or only causal, score_mod on or off."""
+    from torch._inductor.utils import run_and_get_code
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch.manual_seed(0)
+    B, Hq, Hkv, N, D, C = 2, 4, 2, 1100, 64, 128
+    q, k, v = (torch.randn(B, h, N, D, device="cuda", dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    w = torch.randn(Hkv, D, device="cuda", dtype=torch.bfloat16)
+    pbar = entmax_router(q, reference.chunk_summaries(k, w, C), chunk_size=C, gamma=16.0).float()
+
+    def make(impl, with_prior=True, exact=True):
+        def f(q, k, v, p):
+            dm = dash_block_mask(p, N, chunk_size=C, groups=Hq // Hkv, q_block=128, impl=impl,
+                                 with_prior=with_prior, exact_mask_mod=exact)
+            return flex_attention(q, k, v, score_mod=dm.score_mod, block_mask=dm.block_mask, enable_gqa=True)
+        return f
+
+    cases = {
+        "triton": make("triton"),
+        "torch": make("torch"),
+        "triton, causal mask_mod": make("triton", exact=False),
+        "triton, no prior": make("triton", with_prior=False),
+        "torch, no prior": make("torch", with_prior=False),
+    }
+    dm_out = dash_block_mask(pbar, N, chunk_size=C, groups=Hq // Hkv, q_block=128)
+
+    def outside(q, k, v, p):
+        return flex_attention(q, k, v, score_mod=dm_out.score_mod, block_mask=dm_out.block_mask, enable_gqa=True)
+
+    cases["tables made outside"] = outside
+    for name, f in cases.items():
+        torch._dynamo.reset()
+        try:
+            want = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v, pbar)
+            got, codes = run_and_get_code(torch.compile(f, fullgraph=True), q, k, v, pbar)
+            _cmp(f"isolate: {name}", got, want)
+            if out_dir:
+                with open(f"{out_dir}/code_{name.replace(' ', '_').replace(',', '')}.py", "w") as fh:
+                    fh.write("\n\n# ----\n".join(codes))
+        except Exception:  # noqa: BLE001 (report and go on to the next stage)
+            print(f"isolate: {name} FAILED\n{traceback.format_exc(limit=3)}", flush=True)
