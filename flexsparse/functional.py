@@ -9,7 +9,8 @@
   inference-only: inputs requiring grad raise), and gather the output back to original order.
   Never falls back silently.
 * ``"auto"``: ``"flex"`` on CUDA; on CPU ``"flex"`` when no gradient is needed, else
-  ``"reference"``.
+  ``"reference"``. :func:`dash_attention` also has ``"triton"`` (the fused DashAttention
+  kernels), which its ``"auto"`` prefers on CUDA (see there).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from torch.nn.attention.flex_attention import flex_attention
 from flexsparse import reference
 from flexsparse.patterns.blockmask import _normalize_block_size
 from flexsparse.patterns.dash import dash_attention_flex
+from flexsparse.patterns.dash_triton import _DTYPES as _TRITON_DTYPES
+from flexsparse.patterns.dash_triton import _MAX_HEAD_DIM as _TRITON_MAX_HEAD_DIM
 from flexsparse.patterns.dash_triton import dash_attention_triton
 from flexsparse.patterns.drop import drop_block_mask
 from flexsparse.patterns.hash import hash_block_mask
@@ -72,6 +75,17 @@ def _choose_backend(backend: str, q: Tensor, *params: Tensor) -> str:
             "call under torch.no_grad(), detach the inputs, or use backend='reference' (or 'auto')"
         )
     return backend
+
+
+def _dash_auto_backend(device_type: str, router: str, dtype: torch.dtype, head_dim: int, needs_grad: bool) -> str:
+    """What ``dash_attention(backend="auto")`` runs: ``"triton"`` on CUDA when the fused kernels
+    support the call (entmax router, float16/bfloat16/float32, head dim <= 256), else ``"flex"``
+    on CUDA; on other devices ``"flex"`` without gradients, else ``"reference"``."""
+    if device_type == "cuda":
+        if router == "entmax" and dtype in _TRITON_DTYPES and head_dim <= _TRITON_MAX_HEAD_DIM:
+            return "triton"
+        return "flex"
+    return "reference" if needs_grad else "flex"
 
 
 def _prologue(q, k, v, a_name, a, b_name, b, kind, block_size, backend) -> tuple[str, int]:
@@ -211,10 +225,16 @@ def dash_attention(
         backend: ``"reference"`` (dense oracle), ``"flex"`` (Triton router and mask kernels +
             FlexAttention, :func:`flexsparse.patterns.dash.dash_attention_flex`), ``"triton"``
             (the fused token-level Triton kernels, :func:`flexsparse.patterns.dash_triton.dash_attention_triton`;
-            entmax router; CUDA, or CPU under ``TRITON_INTERPRET=1``; not yet tuned on the GPU) or
-            ``"auto"`` (flex on CUDA; on CPU flex without gradients, else the reference).
+            entmax router, float16/bfloat16/float32, head dim <= 256; CUDA, or CPU under
+            ``TRITON_INTERPRET=1``; traceable by ``torch.compile(fullgraph=True)``, forward and
+            backward) or ``"auto"``: on CUDA ``"triton"`` when it supports the call, else
+            ``"flex"`` (the top-k router, other dtypes or head dims); on CPU ``"flex"`` without
+            gradients, else ``"reference"``. A backend named explicitly never falls back: it
+            runs or raises.
         router: ``"entmax"`` or ``"topk"`` (needs ``top_k``).
-        q_block, kernel_options: FlexAttention query block and kernel options (flex backend).
+        q_block, kernel_options: FlexAttention query block and kernel options (flex backend
+            only: the triton backend, which ``"auto"`` picks on CUDA for the entmax router, does
+            not use them).
         return_stats: also return ``{"kept_fraction", "sparsity"}`` (0-d float32 tensors, no
             host synchronisation; see :func:`flexsparse.reference.dash_selection_stats`).
 
@@ -231,6 +251,8 @@ def dash_attention(
         raise ValueError("router='topk' needs top_k (past chunks kept per query)")
     if router == "entmax" and top_k is not None:
         raise ValueError("top_k is only used with router='topk'")
+    if backend == "auto":
+        backend = _dash_auto_backend(q.device.type, router, q.dtype, D, _needs_grad(q, k, v, w))
     if backend == "triton":
         if router != "entmax":
             raise ValueError("backend='triton' implements the entmax router only (use 'flex' or 'reference' for top-k)")

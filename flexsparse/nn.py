@@ -170,7 +170,12 @@ class DashAttention(_SparseSelfAttention):
         router: ``"entmax"`` or ``"topk"`` (with ``top_k``).
         track_sparsity: after each forward keep ``last_stats = {"kept_fraction", "sparsity"}``
             (0-d tensors, no host synchronisation; off by default: it costs a small reduction).
-        head_dim, bias, rotary, rotary_base, backend, q_block: projection and op options.
+        head_dim, bias, rotary, rotary_base: projection options.
+        backend: as in :func:`flexsparse.dash_attention`: ``"auto"`` (default) runs the fused
+            Triton kernels on CUDA for the entmax router (float16/bfloat16/float32, head dim <=
+            256; traceable by ``torch.compile(model, fullgraph=True)``) and the flex path for
+            top-k; ``"triton"``, ``"flex"`` or ``"reference"`` force one (no fallback).
+        q_block: FlexAttention query block (flex backend only).
 
     ``forward(x)``: ``x [B, N, dim] -> [B, N, dim]``. Incremental decoding (inference):
     ``cache = layer.new_cache(batch, capacity)``, ``layer.prefill(x_prompt, cache)``, then

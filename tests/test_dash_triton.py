@@ -188,6 +188,53 @@ def test_partial_requires_grad():
     assert_close_to_ref("dv", dv, dv64)
 
 
+def test_auto_backend_choice():
+    """``dash_attention(backend="auto")``: the fused kernels on CUDA wherever they support the call
+    (entmax router, float16/bfloat16/float32, head dim <= 256), else flex there; on a CPU flex
+    without gradients, else the reference (the kernels only run there under the interpreter)."""
+    from flexsparse.functional import _dash_auto_backend as choose
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for D in (8, 100, 256):
+            for grad in (False, True):
+                assert choose("cuda", "entmax", dtype, D, grad) == "triton", (dtype, D, grad)
+                assert choose("cuda", "topk", dtype, D, grad) == "flex", (dtype, D, grad)
+                assert choose("cpu", "entmax", dtype, D, grad) == ("reference" if grad else "flex")
+    assert choose("cuda", "entmax", torch.float64, 64, True) == "flex"
+    assert choose("cuda", "entmax", torch.bfloat16, 257, True) == "flex"
+    assert choose("cpu", "topk", torch.float32, 64, True) == "reference"
+    assert choose("cpu", "topk", torch.float32, 64, False) == "flex"
+
+
+@pytest.mark.triton
+def test_auto_runs_the_chosen_backend(monkeypatch):
+    """With the choice made as on CUDA (the kernels run under the interpreter here), ``"auto"``
+    runs the fused kernels for the entmax router, gradients included (the same result as
+    ``backend="triton"``), and flex for top-k; a backend named explicitly never falls back."""
+    import flexsparse.functional as Fn
+
+    choose, called = Fn._dash_auto_backend, []
+    monkeypatch.setattr(Fn, "_dash_auto_backend", lambda device_type, *a: choose("cuda", *a))
+    for name in ("dash_attention_triton", "dash_attention_flex"):
+        fn = getattr(Fn, name)
+        monkeypatch.setattr(Fn, name, lambda *a, _fn=fn, _name=name, **kw: called.append(_name) or _fn(*a, **kw))
+    q, k, v, w = _inputs(1, 4, 2, 45, 16)
+    q.requires_grad_(True)
+    kw = dict(chunk_size=8, gamma=3.0)
+    out = Fn.dash_attention(q, k, v, w, **kw)
+    assert called == ["dash_attention_triton"]
+    assert torch.equal(out, Fn.dash_attention(q, k, v, w, backend="triton", **kw))
+    (dq,) = torch.autograd.grad(out.sum(), (q,))
+    assert torch.isfinite(dq).all() and dq.abs().sum() > 0
+    called.clear()
+    Fn.dash_attention(q.detach(), k, v, w, chunk_size=8, router="topk", top_k=2)
+    assert called == ["dash_attention_flex"]
+    with pytest.raises(RuntimeError, match="inference-only"):  # no fallback to the reference
+        Fn.dash_attention(q, k, v, w, backend="flex", **kw)
+    with pytest.raises(ValueError, match="entmax router only"):
+        Fn.dash_attention(q, k, v, w, backend="triton", chunk_size=8, router="topk", top_k=2)
+
+
 # --------------------------------------------------------------------------------------------
 # kernel level: poisoned outputs, saved statistics, d pbar
 # --------------------------------------------------------------------------------------------
