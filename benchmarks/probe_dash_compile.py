@@ -141,10 +141,6 @@ def main() -> None:
                 print(f"module {router} [{be}] FAILED\n{traceback.format_exc(limit=3)}", flush=True)
 
 
-if __name__ == "__main__":
-    main()
-
-
 def isolate(out_dir: str | None) -> None:
     """Variants of one compiled FlexAttention call with the DashAttention mask/prior, to find the
     piece Inductor gets wrong: mask impl (triton op / torch), tables made inside or outside the
@@ -189,3 +185,7 @@ def isolate(out_dir: str | None) -> None:
                     fh.write("\n\n# ----\n".join(codes))
         except Exception:  # noqa: BLE001 (report and go on to the next stage)
             print(f"isolate: {name} FAILED\n{traceback.format_exc(limit=3)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
