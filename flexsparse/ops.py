@@ -138,13 +138,14 @@ def _launcher(launcher: types.FunctionType) -> Callable:
     return _traceable(launcher) if is_wrap_triton_enabled() else launcher
 
 
-def _register(name: str, kernel_module: str, fake: Callable) -> Callable:
+def _register(name: str, kernel_module: str, fake: Callable, *, opaque: bool = False) -> Callable:
     """Register ``fn`` as ``flexsparse::name`` (``triton_op`` or opaque ``custom_op``) with the
-    explicit fake implementation ``fake``."""
+    explicit fake implementation ``fake``. ``opaque=True`` keeps the op opaque on CUDA too:
+    Inductor then calls it as an external kernel instead of tracing its launches."""
 
     def deco(fn: Callable):
         qualname = f"flexsparse::{name}"
-        if OPAQUE:
+        if OPAQUE or opaque:
             op = torch.library.custom_op(qualname, fn, mutates_args=())
         else:
             op = torch.library.triton_op(qualname, fn, mutates_args=())
@@ -527,7 +528,12 @@ def _dash_mask_fake(p, chunk_size, q_block, groups, with_counts, with_table, est
     return states, counts, table
 
 
-@_register("dash_mask_tables", "dash_mask", _dash_mask_fake)
+# Opaque on CUDA too. The prior table is read by the FlexAttention score_mod/mask_mod as a
+# captured buffer; when it came out of a triton_op, Inductor (torch 2.11) inlined the buffer's
+# allocation (`empty`, i.e. NaN) into the attention template instead of reading what the kernel
+# wrote: NaN outputs and wrong masks in compiled DashAttention on the H100, while eager and
+# AOTAutograd without Inductor were right. As an external kernel its outputs are plain buffers.
+@_register("dash_mask_tables", "dash_mask", _dash_mask_fake, opaque=True)
 def _dash_mask_op(
     p: Tensor,
     chunk_size: int,
