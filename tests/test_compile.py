@@ -766,7 +766,8 @@ def test_gpu_compiled_dash_attention_matches_eager(router, stats, fresh_dynamo):
         got = torch.compile(f, fullgraph=True)(q, k, v, w)
     if stats:
         (got, got_stats), (want, want_stats) = got, want
-        assert torch.equal(got_stats["kept_fraction"], want_stats["kept_fraction"])
+        # same selection; the mean over rows may differ in the last bits (Inductor's reduction order)
+        torch.testing.assert_close(got_stats["kept_fraction"], want_stats["kept_fraction"], rtol=1e-6, atol=0)
         assert float(want_stats["kept_fraction"]) < 0.95
     assert torch.isfinite(got).all()
     assert _rel_err(got, want) < 1e-2, _rel_err(got, want)
