@@ -34,16 +34,17 @@ import triton
 from rich.console import Console
 from rich.table import Table
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 import flexsparse  # noqa: E402
+from common import causal_block_mask  # noqa: E402
 from flexsparse import reference  # noqa: E402
 from flexsparse.patterns.dash import dash_attention_flex, dash_block_mask  # noqa: E402
 
 console = Console(width=170)
 flex_c = torch.compile(flex_attention, dynamic=False)
-cbm_c = torch.compile(create_block_mask, dynamic=False)
 
 
 def ms(fn):
@@ -98,7 +99,7 @@ def run(N, args, rows, meta):
                 return torch.nn.functional.scaled_dot_product_attention(q, ke, ve, is_causal=True)
         return f
 
-    bm_dense = cbm_c(lambda b, h, i, j: i >= j, None, None, N, N, device="cuda")
+    bm_dense = causal_block_mask(N)
     cases = {"sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
              "flex_dense": lambda: flex_c(q, k, v, block_mask=bm_dense, enable_gqa=True)}
     for name, f in cases.items():

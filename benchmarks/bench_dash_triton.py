@@ -32,17 +32,16 @@ import torch
 import triton
 from rich.console import Console
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 import flexsparse  # noqa: E402
-from common import graph_time  # noqa: E402
+from common import causal_block_mask, graph_time  # noqa: E402
 from flexsparse import reference  # noqa: E402
 
 console = Console(width=170)
 flex_c = torch.compile(flex_attention, dynamic=False)
-cbm_c = torch.compile(create_block_mask, dynamic=False)  # eager create_block_mask densifies N x N
 B0, HQ, HKV, D, C = 1, 32, 2, 128, 64
 G = HQ // HKV
 
@@ -98,7 +97,7 @@ def dense_cases(q, k, v, N):
                 return torch.nn.functional.scaled_dot_product_attention(q, ke, ve, is_causal=True)
         return f
 
-    bm = cbm_c(lambda b, h, i, j: i >= j, None, None, N, N, device="cuda")
+    bm = causal_block_mask(N)
     return {"sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
             "flex_dense": lambda: flex_c(q, k, v, block_mask=bm, enable_gqa=True)}
 
@@ -150,7 +149,7 @@ def part_dense(args, rows, meta):
         gamma = 1e-3
         with torch.no_grad():
             _, st = tri(q, k, v, w, gamma, return_stats=True)
-        bm = cbm_c(lambda b, h, i, j: i >= j, None, None, N, N, device="cuda")
+        bm = causal_block_mask(N)
         row = dict(part="dense", N=N, gamma=gamma, kept_fraction=round(float(st["kept_fraction"]), 4))
         with torch.no_grad():
             row["fwd_flexsparse_ms"] = ms(lambda: tri(q, k, v, w, gamma))

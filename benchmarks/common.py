@@ -27,3 +27,18 @@ def graph_time(fn: Callable[[], object], timer: Callable[[Callable[[], object]],
         console.print(f"[yellow]not capturable: {type(e).__name__}: {str(e)[:160]}[/]")
         torch.cuda.synchronize()
         return None
+
+
+def causal_block_mask(N: int, device="cuda", block: int = 128):
+    """Dense causal ``BlockMask`` for the FlexAttention baselines, built from block states by
+    flexsparse (FULL below the diagonal, PARTIAL on it) instead of a compiled
+    ``create_block_mask``, whose compilation for a new length took minutes inside the training
+    benchmark."""
+    import flexsparse
+
+    n = -(-N // block)
+    i = torch.arange(n, device=device)
+    states = torch.where(i[:, None] > i[None, :], flexsparse.FULL,
+                         torch.where(i[:, None] == i[None, :], flexsparse.PARTIAL, flexsparse.EMPTY))
+    return flexsparse.block_mask_from_states(states.to(torch.int8)[None, None], seq_lengths=(N, N),
+                                             block_size=block, mask_mod=lambda b, h, q, k: q >= k)
