@@ -17,15 +17,17 @@ from flexsparse import DashAttention, HashSparseAttention, QKSparseAttention
 
 def dash_layer(
     dim: int, heads: int, kv_heads: int, *, chunk_size: int, q_block: int, router: str = "entmax",
-    gamma: float = 64.0, top_k: int | None = None, track_sparsity: bool = True,
+    gamma: float = 64.0, top_k: int | None = None, track_sparsity: bool = True, backend: str = "auto",
 ) -> DashAttention:
     """A :class:`flexsparse.DashAttention` layer with a random (not mean-pooling) summary vector
     and a large router gamma, so that in a freshly initialised model the entmax router drops
     chunks (kept fraction below 1 from about 4 chunks on) and the mask is not trivially dense.
-    ``track_sparsity``: the layer keeps ``last_stats`` (a module attribute set in ``forward``)."""
+    ``track_sparsity``: the layer keeps ``last_stats`` (a module attribute set in ``forward``).
+    ``backend``: the layer's DashAttention backend (``"auto"``: the fused Triton kernels on CUDA
+    for the entmax router, FlexAttention for top-k)."""
     layer = DashAttention(
         dim, heads, kv_heads=kv_heads, chunk_size=chunk_size, q_block=q_block, gamma=gamma, router=router,
-        top_k=top_k, track_sparsity=track_sparsity,
+        top_k=top_k, track_sparsity=track_sparsity, backend=backend,
     )
     with torch.no_grad():
         layer.summary.normal_()
