@@ -77,12 +77,16 @@ def _choose_backend(backend: str, q: Tensor, *params: Tensor) -> str:
     return backend
 
 
-def _dash_auto_backend(device_type: str, router: str, dtype: torch.dtype, head_dim: int, needs_grad: bool) -> str:
+def _dash_auto_backend(
+    device_type: str, router: str, dtype: torch.dtype, head_dim: int, needs_grad: bool, flex_options: bool = False
+) -> str:
     """What ``dash_attention(backend="auto")`` runs: ``"triton"`` on CUDA when the fused kernels
-    support the call (entmax router, float16/bfloat16/float32, head dim <= 256), else ``"flex"``
-    on CUDA; on other devices ``"flex"`` without gradients, else ``"reference"``."""
+    support the call (entmax router, float16/bfloat16/float32, head dim <= 256) and no
+    FlexAttention ``kernel_options`` were given (``flex_options``), else ``"flex"`` on CUDA; on
+    other devices ``"flex"`` without gradients, else ``"reference"``."""
     if device_type == "cuda":
-        if router == "entmax" and dtype in _TRITON_DTYPES and head_dim <= _TRITON_MAX_HEAD_DIM:
+        if (router == "entmax" and dtype in _TRITON_DTYPES and head_dim <= _TRITON_MAX_HEAD_DIM
+                and not flex_options):
             return "triton"
         return "flex"
     return "reference" if needs_grad else "flex"
@@ -234,7 +238,8 @@ def dash_attention(
         router: ``"entmax"`` or ``"topk"`` (needs ``top_k``).
         q_block, kernel_options: FlexAttention query block and kernel options (flex backend
             only: the triton backend, which ``"auto"`` picks on CUDA for the entmax router, does
-            not use them).
+            not use ``q_block`` and refuses ``kernel_options``; ``"auto"`` given
+            ``kernel_options`` runs flex).
         return_stats: also return ``{"kept_fraction", "sparsity"}`` (0-d float32 tensors, no
             host synchronisation; see :func:`flexsparse.reference.dash_selection_stats`).
 
@@ -252,10 +257,12 @@ def dash_attention(
     if router == "entmax" and top_k is not None:
         raise ValueError("top_k is only used with router='topk'")
     if backend == "auto":
-        backend = _dash_auto_backend(q.device.type, router, q.dtype, D, _needs_grad(q, k, v, w))
+        backend = _dash_auto_backend(q.device.type, router, q.dtype, D, _needs_grad(q, k, v, w), kernel_options is not None)
     if backend == "triton":
         if router != "entmax":
             raise ValueError("backend='triton' implements the entmax router only (use 'flex' or 'reference' for top-k)")
+        if kernel_options is not None:
+            raise ValueError("kernel_options are FlexAttention options (backend='flex'); backend='triton' takes none")
         return dash_attention_triton(
             q, k, v, w, chunk_size=C, gamma=gamma, estimate_diagonal=estimate_diagonal, sigma=sigma, scale=scale,
             return_stats=return_stats,

@@ -204,6 +204,8 @@ def test_auto_backend_choice():
     assert choose("cuda", "entmax", torch.bfloat16, 257, True) == "flex"
     assert choose("cpu", "topk", torch.float32, 64, True) == "reference"
     assert choose("cpu", "topk", torch.float32, 64, False) == "flex"
+    # FlexAttention kernel_options given: they only mean something to flex
+    assert choose("cuda", "entmax", torch.bfloat16, 64, True, True) == "flex"
 
 
 @pytest.mark.triton
@@ -233,6 +235,12 @@ def test_auto_runs_the_chosen_backend(monkeypatch):
         Fn.dash_attention(q, k, v, w, backend="flex", **kw)
     with pytest.raises(ValueError, match="entmax router only"):
         Fn.dash_attention(q, k, v, w, backend="triton", chunk_size=8, router="topk", top_k=2)
+    with pytest.raises(ValueError, match="kernel_options"):  # flex options are not silently dropped
+        Fn.dash_attention(q, k, v, w, backend="triton", kernel_options={"BLOCK_M": 64}, **kw)
+    called.clear()
+    with torch.no_grad():  # auto with flex options runs flex
+        Fn.dash_attention(q.detach(), k, v, w, kernel_options={}, **kw)
+    assert called == ["dash_attention_flex"]
 
 
 # --------------------------------------------------------------------------------------------
