@@ -110,8 +110,10 @@ def main():
             kb = reference.chunk_summaries(k, w, C)
             tb = router_tau(q, kb, chunk_size=C, gamma=gb, scale=scale, impl="triton")
             out, lse, mu, _ = K.dash_attn_forward(q, k, v, kb, tb, C, gb * scale, scale)
-        for R, W, S in itertools.product((4, 8), (4, 8), (1, 2)):
-            blocks = dict(BLOCK_R=R, num_warps=W, num_stages=S)
+        # LIST_WALK: the dk/dv kernel's scratch-list walk (predicted ~10-15% off the dk/dv time, as
+        # the forward's v2 walk gained 16%); the default (False) is the measured reduction walk
+        for R, W, S, LW in itertools.product((4, 8), (4, 8), (1, 2), (False, True)):
+            blocks = dict(BLOCK_R=R, num_warps=W, num_stages=S, LIST_WALK=LW)
             try:
                 t = ms(lambda: K.dash_attn_backward(q, k, v, kb, tb, out, lse, mu, do, C, gb * scale, scale,
                                                     blocks=blocks), rep=50)

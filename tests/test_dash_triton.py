@@ -139,6 +139,7 @@ CASES = [
     (2, 3, 1, 100, 16, 16, 4.0, {"BLOCK_R": 8, "FLAG_T": 16}),  # G = 3 (padded heads), B = 2
     (1, 4, 2, 150, 16, 16, 60.0, {"BLOCK_R": 8}),  # near top-1 per head: most chunks skipped
     (1, 4, 2, 13, 16, 32, 1.0, None),  # N < C: diagonal chunk only
+    (1, 8, 2, 150, 16, 16, 8.0, {"BLOCK_R": 4, "FLAG_T": 16, "LIST_WALK": True}),  # dk/dv list walk, 3 windows
 ]
 
 
@@ -249,15 +250,16 @@ def test_auto_runs_the_chosen_backend(monkeypatch):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("list_walk", [False, True], ids=["reduce_walk", "list_walk"])
 @pytest.mark.parametrize("estimate_diagonal,sigma", [(False, 1.0), (True, 0.7)])
-def test_kernel_outputs(estimate_diagonal, sigma):
+def test_kernel_outputs(estimate_diagonal, sigma, list_walk):
     B, Hq, Hkv, N, D, C, gamma = 1, 4, 2, 123, 16, 16, 4.0
     G = Hq // Hkv
     q, k, v, w = _well_routed_inputs(B, Hq, Hkv, N, D, C, gamma)
     scale = 1.0 / math.sqrt(D)
     kbar = R.chunk_summaries(k, w, C)
     tau = router_tau(q, kbar, chunk_size=C, gamma=gamma, impl="triton")
-    blocks = {"BLOCK_R": 8, "FLAG_T": 16}
+    blocks = {"BLOCK_R": 8, "FLAG_T": 8, "LIST_WALK": list_walk}  # N = 123: 16 query blocks, two flag windows
     fo = (
         nan_like(q),
         torch.full((B, Hq, N), math.nan),
@@ -357,7 +359,7 @@ for D, G, est, dtype in [(128, 16, False, "bf16"), (128, 1, True, "fp16"), (64, 
         consts = dict(ESTIMATE=est, BLOCK_G=cfg["BLOCK_G"], BLOCK_R=cfg["BLOCK_R"], BLOCK_N=cfg["BLOCK_N"],
                       BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PREC="tf32")
         if name == "_bwd_dkdv_kernel":
-            consts["FLAG_T"] = cfg["FLAG_T"]
+            consts.update(FLAG_T=cfg["FLAG_T"], LIST_WALK=cfg["LIST_WALK"])
         else:
             consts.update(BLOCK_NC=cfg["BLOCK_NC"], ONE_SUB=True)
             if name == "_fwd_kernel":
@@ -367,7 +369,8 @@ for D, G, est, dtype in [(128, 16, False, "bf16"), (128, 1, True, "fp16"), (64, 
             if a in consts:
                 sig[a] = "constexpr"
             elif a.endswith("_ptr"):
-                sig[a] = "*" + {"cnt_ptr": "i32", "ids_ptr": "i32", "flag_ptr": "i8", "lpt_ptr": "fp32"}.get(
+                sig[a] = "*" + {"cnt_ptr": "i32", "ids_ptr": "i32", "flag_ptr": "i8", "lpt_ptr": "fp32",
+                                  "qbl_ptr": "i32"}.get(
                     a, "fp32" if a[:2] in ("lse", "mu", "tau", "del", "dp", "dq") else dtype)
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:

@@ -415,11 +415,11 @@ def _bwd_dq_kernel(
 @triton.jit(do_not_specialize=["Hkv", "G", "N", "NF", "NCH", "NQB", "NSUB", "C", "xs", "qk2",
                                "scale", "inv_g", "inv_sigma"])
 def _bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, kb_ptr, tau_ptr, do_ptr, lse_ptr, delta_ptr, mu_ptr, flag_ptr,
+    q_ptr, k_ptr, v_ptr, kb_ptr, tau_ptr, do_ptr, lse_ptr, delta_ptr, mu_ptr, flag_ptr, qbl_ptr,
     dk_ptr, dv_ptr,
     Hkv, G, N, NF, NCH, NQB, NSUB, C, D, xs, qk2, scale, inv_g, inv_sigma,
     ESTIMATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, FLAG_T: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, FLAG_T: tl.constexpr, LIST_WALK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # Inductor passes Python floats as fp64: float32 before they meet loop-carried values
     xs = tl.cast(xs, tl.float32)
@@ -455,13 +455,24 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     first = (c * C + sub * BLOCK_N) // BLOCK_R  # first query block holding a row >= these keys
     fbase = flag_ptr + (bk * NCH + c) * NQB
+    # LIST_WALK: each window's active query blocks go to this program's scratch first and the
+    # walk loads them as scalars (as the forward's v2 walk does), instead of extracting each
+    # index by a reduction inside the loop
+    qbl_base = qbl_ptr + ((bk * NCH + c) * NSUB + sub) * FLAG_T
     for f0 in range(first, NQB, FLAG_T):
         fidx = f0 + tl.arange(0, FLAG_T)
         active = (tl.load(fbase + fidx, mask=fidx < NQB, other=0) != 0).to(tl.int32)
         order = tl.cumsum(active, 0) - 1
         n_act = tl.sum(active, 0)
+        if LIST_WALK:
+            tl.debug_barrier()  # the previous window's list has been read
+            tl.store(qbl_base + order, fidx, mask=active > 0)
+            tl.debug_barrier()  # read back by other threads of the program
         for t in range(0, n_act):
-            qb = tl.sum(tl.where((active > 0) & (order == t), fidx, 0), 0)
+            if LIST_WALK:
+                qb = tl.load(qbl_base + t)
+            else:
+                qb = tl.sum(tl.where((active > 0) & (order == t), fidx, 0), 0)
             row0 = qb * BLOCK_R
             rows = row0 + rl
             mvalid = (hh < G) & (rows < N)
@@ -512,7 +523,7 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
-_CONFIG_KEYS = ("BLOCK_R", "BLOCK_N", "BLOCK_NC", "FLAG_T", "num_warps", "num_stages")
+_CONFIG_KEYS = ("BLOCK_R", "BLOCK_N", "BLOCK_NC", "FLAG_T", "LIST_WALK", "num_warps", "num_stages")
 
 
 def attn_config(G: int, D: int, C: int, device: torch.device, *, dtype: torch.dtype = torch.bfloat16,
@@ -527,6 +538,9 @@ def attn_config(G: int, D: int, C: int, device: torch.device, *, dtype: torch.dt
       sub-tiles (and the dk/dv grid has that many programs per chunk).
     * ``BLOCK_NC`` chunks per routing tile (32 on the GPU, 16 on the CPU interpreter).
     * ``FLAG_T`` query blocks per flag vector of the dk/dv walk.
+    * ``LIST_WALK`` (dk/dv kernel, default False): write each flag window's active query blocks
+      to a scratch and walk them with scalar loads (the forward's v2 scheme) instead of
+      extracting each index by a reduction. An experiment awaiting its GPU timing.
     * ``num_warps``, ``num_stages``.
 
     ``blocks`` overrides any of these keys (``BLOCK_R``, ``BLOCK_N``, ``BLOCK_NC``, ``FLAG_T``,
@@ -543,6 +557,7 @@ def attn_config(G: int, D: int, C: int, device: torch.device, *, dtype: torch.dt
         "BLOCK_N": max(16, min(triton.next_power_of_2(C), cap)),
         "BLOCK_NC": 32,
         "FLAG_T": 64,
+        "LIST_WALK": False,
         "num_warps": 4 if bd <= 128 else 8,
         "num_stages": 3 if bd <= 64 and not backward else 2,
     }
@@ -707,9 +722,11 @@ def dash_attn_backward(
         BLOCK_NC=cfg["BLOCK_NC"], ONE_SUB=C <= BN, **common,
     )
     nsub = triton.cdiv(C, BN)
+    walk = bool(cfg["LIST_WALK"])
+    qbl = torch.empty(B * Hkv * NCH * nsub * cfg["FLAG_T"] if walk else 1, dtype=torch.int32, device=dev)
     _bwd_dkdv_kernel[(NCH * nsub, B * Hkv)](
-        q, k, v, kbar, tau, dout, lse, delta, mu_arg, flags, dk, dv,
+        q, k, v, kbar, tau, dout, lse, delta, mu_arg, flags, qbl, dk, dv,
         Hkv, G, N, NF, NCH, NQB, nsub, C, D, cs["xs"], cs["qk2"], float(scale), cs["inv_g"], inv_sigma,
-        FLAG_T=cfg["FLAG_T"], **common,
+        FLAG_T=cfg["FLAG_T"], LIST_WALK=walk, **common,
     )
     return dq, dk, dv, dpbar
