@@ -139,7 +139,8 @@ CASES = [
     (2, 3, 1, 100, 16, 16, 4.0, {"BLOCK_R": 8, "FLAG_T": 16}),  # G = 3 (padded heads), B = 2
     (1, 4, 2, 150, 16, 16, 60.0, {"BLOCK_R": 8}),  # near top-1 per head: most chunks skipped
     (1, 4, 2, 13, 16, 32, 1.0, None),  # N < C: diagonal chunk only
-    (1, 8, 2, 150, 16, 16, 8.0, {"BLOCK_R": 4, "FLAG_T": 16, "LIST_WALK": True}),  # dk/dv list walk, 3 windows
+    # the backward's list walks: 18 chunks = two dq routing tiles of 16, 75 query blocks = 5 flag windows
+    (1, 4, 1, 300, 16, 16, 8.0, {"BLOCK_R": 4, "FLAG_T": 16, "LIST_WALK": True}),
 ]
 
 
@@ -362,6 +363,8 @@ for D, G, est, dtype in [(128, 16, False, "bf16"), (128, 1, True, "fp16"), (64, 
             consts.update(FLAG_T=cfg["FLAG_T"], LIST_WALK=cfg["LIST_WALK"])
         else:
             consts.update(BLOCK_NC=cfg["BLOCK_NC"], ONE_SUB=True)
+            if name == "_bwd_dq_kernel":
+                consts["LIST_WALK"] = cfg["LIST_WALK"]
             if name == "_fwd_kernel":
                 consts["MASK_K"] = False
         sig, attrs = {}, {}
@@ -370,7 +373,7 @@ for D, G, est, dtype in [(128, 16, False, "bf16"), (128, 1, True, "fp16"), (64, 
                 sig[a] = "constexpr"
             elif a.endswith("_ptr"):
                 sig[a] = "*" + {"cnt_ptr": "i32", "ids_ptr": "i32", "flag_ptr": "i8", "lpt_ptr": "fp32",
-                                  "qbl_ptr": "i32"}.get(
+                                  "qbl_ptr": "i32", "wid_ptr": "i32", "wlp_ptr": "fp32"}.get(
                     a, "fp32" if a[:2] in ("lse", "mu", "tau", "del", "dp", "dq") else dtype)
                 attrs[(i,)] = [["tt.divisibility", 16]]
             else:

@@ -47,7 +47,7 @@ from flexsparse.kernels import router as R, dash_mask as M, dash_attn as A
 PTR = {"q_ptr": "bf16", "kb_ptr": "bf16", "dq_ptr": "bf16", "states_ptr": "i8", "counts_ptr": "i32"}
 # the fused DashAttention kernels: bf16 q/k/v/o, float32 dq and statistics
 ATTN_PTR = {**{p: "bf16" for p in ("k_ptr", "v_ptr", "o_ptr", "do_ptr", "dk_ptr", "dv_ptr")},
-            "dq_ptr": "fp32", "cnt_ptr": "i32", "ids_ptr": "i32", "flag_ptr": "i8", "qbl_ptr": "i32"}
+            "dq_ptr": "fp32", "cnt_ptr": "i32", "ids_ptr": "i32", "flag_ptr": "i8", "qbl_ptr": "i32", "wid_ptr": "i32"}
 ATTN = dict(BLOCK_G=4, BLOCK_R=16, BLOCK_N=64, BLOCK_D=128, DOT_PREC="tf32")
 cases = [
     (R._tau_kernel, dict(MAX_ITER=40, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, DOT_PREC="tf32")),
@@ -57,7 +57,7 @@ cases = [
     (M._dash_mask_kernel, dict(ACC=tl.float32, BLOCK_R=64, BLOCK_C=64, WITH_COUNTS=True, WITH_TABLE=True,
                               EST_DIAG=True, FILLER=-1.0e4, LIMIT=1.0e4)),
     (A._fwd_kernel, dict(ATTN, ESTIMATE=True, BLOCK_NC=32, ONE_SUB=False, MASK_K=True), ATTN_PTR),
-    (A._bwd_dq_kernel, dict(ATTN, ESTIMATE=True, BLOCK_NC=32, ONE_SUB=False), ATTN_PTR),
+    (A._bwd_dq_kernel, dict(ATTN, ESTIMATE=True, BLOCK_NC=32, ONE_SUB=False, LIST_WALK=True), ATTN_PTR),
     (A._bwd_dkdv_kernel, dict(ATTN, ESTIMATE=True, FLAG_T=64, LIST_WALK=True), ATTN_PTR),
 ]
 FLOATS = {"xs", "zscale", "inv_g", "inv_sigma", "qk2", "scale"}

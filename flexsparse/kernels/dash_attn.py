@@ -307,10 +307,11 @@ def _fwd_kernel(
                                "inv_g", "inv_sigma"])
 def _bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, kb_ptr, tau_ptr, o_ptr, do_ptr, lse_ptr, mu_ptr,
-    dq_ptr, delta_ptr, dpbar_ptr, flag_ptr,
+    dq_ptr, delta_ptr, dpbar_ptr, flag_ptr, wid_ptr, wlp_ptr,
     Hkv, G, N, NF, NCH, NQB, C, D, xs, qk2, scale, inv_g, inv_sigma,
     ESTIMATE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_NC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_SUB: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_NC: tl.constexpr, BLOCK_D: tl.constexpr, ONE_SUB: tl.constexpr, LIST_WALK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     # Inductor passes Python floats as fp64: float32 before they meet loop-carried values
     xs = tl.cast(xs, tl.float32)
@@ -350,6 +351,13 @@ def _bwd_dq_kernel(
         mu = tl.zeros([BLOCK_R], tl.float32)
     dp_base = dpbar_ptr + (bk * N + rr)[:, None] * NF  # [BLOCK_R, 1]
     flag_base = flag_ptr + bk * NCH * NQB + pid
+    # LIST_WALK scratch of this program: a routing tile's active chunk ids [BLOCK_NC], their log
+    # priors and their d log pi, each [BLOCK_NC, BLOCK_R]
+    wid = wid_ptr + (bk * NQB + pid) * BLOCK_NC
+    wlp = wlp_ptr + (bk * NQB + pid) * BLOCK_NC * BLOCK_R * 2
+    wdl = wlp + BLOCK_NC * BLOCK_R
+    rl = tl.arange(0, BLOCK_R)
+    rl_m = mm % BLOCK_R
 
     dq = tl.zeros([M, BLOCK_D], tl.float32)
     dsum = tl.zeros([BLOCK_R], tl.float32)
@@ -364,10 +372,19 @@ def _bwd_dq_kernel(
         order = tl.cumsum(active, 0) - 1
         n_act = tl.sum(active, 0)
         dl = tl.zeros([BLOCK_R, BLOCK_NC], tl.float32)
+        if LIST_WALK:
+            tl.debug_barrier()  # the previous tile's lists have been read
+            tl.store(wid + order, ccols, mask=active > 0)
+            tl.store(wlp + order[None, :] * BLOCK_R + rl[:, None], lp, mask=(active > 0)[None, :])
+            tl.debug_barrier()  # read back by other threads of the program
         for t in range(0, n_act):
-            c = tl.sum(tl.where((active > 0) & (order == t), ccols, 0), 0)
-            lp_c = tl.sum(tl.where(ccols[None, :] == c, lp, 0.0), 1)
-            lp2 = _stack(lp_c, BLOCK_G, BLOCK_R) * _LOG2E
+            if LIST_WALK:
+                c = tl.load(wid + t)
+                lp2 = tl.load(wlp + t * BLOCK_R + rl_m, mask=mvalid, other=float("-inf")) * _LOG2E
+            else:
+                c = tl.sum(tl.where((active > 0) & (order == t), ccols, 0), 0)
+                lp_c = tl.sum(tl.where(ccols[None, :] == c, lp, 0.0), 1)
+                lp2 = _stack(lp_c, BLOCK_G, BLOCK_R) * _LOG2E
             act_m = (lp2 > float("-inf")) & mvalid
             dl_m = tl.zeros([M], tl.float32)
             if ONE_SUB:
@@ -378,7 +395,13 @@ def _bwd_dq_kernel(
                     dq, dl_m = _dq_tile(q, do, k_ptr, v_ptr, kv_base, c, j0, C, N, D, rows, lp2, act_m, lse,
                                         delta, dq, dl_m, qk2, dcols, dmask, BLOCK_N, DOT_PREC)
             dl_r = _group_sum(dl_m, BLOCK_G, BLOCK_R)
-            dl = tl.where(ccols[None, :] == c, dl_r[:, None], dl)
+            if LIST_WALK:
+                tl.store(wdl + t * BLOCK_R + rl, dl_r)
+            else:
+                dl = tl.where(ccols[None, :] == c, dl_r[:, None], dl)
+        if LIST_WALK:
+            tl.debug_barrier()
+            dl = tl.load(wdl + order[None, :] * BLOCK_R + rl[:, None], mask=(active > 0)[None, :], other=0.0)
         dl = tl.where(sel, dl, 0.0)  # the diagonal chunk's prior is a constant
         cm = rvalid[:, None] & (ccols[None, :] < NF)
         if ESTIMATE:
@@ -538,8 +561,9 @@ def attn_config(G: int, D: int, C: int, device: torch.device, *, dtype: torch.dt
       sub-tiles (and the dk/dv grid has that many programs per chunk).
     * ``BLOCK_NC`` chunks per routing tile (32 on the GPU, 16 on the CPU interpreter).
     * ``FLAG_T`` query blocks per flag vector of the dk/dv walk.
-    * ``LIST_WALK`` (dk/dv kernel, default False): write each flag window's active query blocks
-      to a scratch and walk them with scalar loads (the forward's v2 scheme) instead of
+    * ``LIST_WALK`` (backward kernels, default False): the dq kernel writes each routing tile's
+      active chunks (ids, log priors) and the dk/dv kernel each flag window's active query blocks
+      to a scratch, and both walk them with scalar loads (the forward's v2 scheme) instead of
       extracting each index by a reduction. An experiment awaiting its GPU timing.
     * ``num_warps``, ``num_stages``.
 
@@ -716,13 +740,16 @@ def dash_attn_backward(
         num_stages=cfg["num_stages"],
     )
     inv_sigma = 1.0 / float(sigma)
+    walk = bool(cfg["LIST_WALK"])
+    BNC = cfg["BLOCK_NC"]
+    wid = torch.empty(B * Hkv * NQB * BNC if walk else 1, dtype=torch.int32, device=dev)
+    wlp = torch.empty(B * Hkv * NQB * BNC * BR * 2 if walk else 1, dtype=torch.float32, device=dev)
     _bwd_dq_kernel[(NQB, B * Hkv)](
-        q, k, v, kbar, tau, out, dout, lse, mu_arg, dq, delta, dpbar, flags,
+        q, k, v, kbar, tau, out, dout, lse, mu_arg, dq, delta, dpbar, flags, wid, wlp,
         Hkv, G, N, NF, NCH, NQB, C, D, cs["xs"], cs["qk2"], float(scale), cs["inv_g"], inv_sigma,
-        BLOCK_NC=cfg["BLOCK_NC"], ONE_SUB=C <= BN, **common,
+        BLOCK_NC=BNC, ONE_SUB=C <= BN, LIST_WALK=walk, **common,
     )
     nsub = triton.cdiv(C, BN)
-    walk = bool(cfg["LIST_WALK"])
     qbl = torch.empty(B * Hkv * NCH * nsub * cfg["FLAG_T"] if walk else 1, dtype=torch.int32, device=dev)
     _bwd_dkdv_kernel[(NCH * nsub, B * Hkv)](
         q, k, v, kbar, tau, dout, lse, delta, mu_arg, flags, qbl, dk, dv,
