@@ -625,6 +625,21 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12))
 
 
+def _apply(opt, params, grads) -> None:
+    """One optimizer step with the given (compiled) gradients."""
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _assert_sparse_stats_match(step, stats_c, stats_e) -> None:
+    """Compiled and eager DashAttention layers kept the same fraction of chunks, a sparse one."""
+    for sc, se in zip(stats_c, stats_e):
+        assert abs(float(sc["kept_fraction"]) - float(se["kept_fraction"])) < 1e-2, (step, sc, se)
+        assert float(se["kept_fraction"]) < 0.95, se  # a sparse selection, not a dense mask
+
+
 @pytest.mark.gpu
 def test_gpu_compiled_model_trains_like_eager(fresh_dynamo):
     """bf16 model (hash with given buckets, query/key drop with given keep masks), 4 training steps
@@ -649,10 +664,7 @@ def test_gpu_compiled_model_trains_like_eager(fresh_dynamo):
         for (name, _), gc, ge in zip(model.named_parameters(), grads_c, grads_e):
             assert torch.isfinite(gc).all(), name
             assert _rel_err(gc, ge) < 3e-2, (step, name, _rel_err(gc, ge))
-        for p, g in zip(params, grads_c):
-            p.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _apply(opt, params, grads_c)
 
 
 @pytest.mark.gpu
@@ -696,13 +708,8 @@ def test_gpu_compiled_dash_model_trains_like_eager(fresh_dynamo):
             assert _rel_err(gc, ge) < 5e-2, (step, name, _rel_err(gc, ge))
         for entmax in ("blocks.0.attn.summary", "blocks.2.attn.summary"):
             assert grads_c[names.index(entmax)].abs().sum() > 0, entmax
-        for sc, se in zip(stats_c, stats_e):
-            assert abs(float(sc["kept_fraction"]) - float(se["kept_fraction"])) < 1e-2, (step, sc, se)
-            assert float(se["kept_fraction"]) < 0.95, se  # a sparse selection, not a dense mask
-        for p, g in zip(params, grads_c):
-            p.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _assert_sparse_stats_match(step, stats_c, stats_e)
+        _apply(opt, params, grads_c)
 
 
 @pytest.mark.gpu
@@ -883,10 +890,5 @@ def test_gpu_compiled_dash_triton_model_trains_like_eager(fresh_dynamo):
             assert _rel_err(gc, ge) < 5e-2, (step, name, _rel_err(gc, ge))
         for i in range(2):
             assert grads_c[names.index(f"blocks.{i}.attn.summary")].abs().sum() > 0
-        for sc, se in zip(stats_c, stats_e):
-            assert abs(float(sc["kept_fraction"]) - float(se["kept_fraction"])) < 1e-2, (step, sc, se)
-            assert float(se["kept_fraction"]) < 0.95, se  # a sparse selection, not a dense mask
-        for p, g in zip(params, grads_c):
-            p.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        _assert_sparse_stats_match(step, stats_c, stats_e)
+        _apply(opt, params, grads_c)
