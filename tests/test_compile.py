@@ -597,7 +597,8 @@ def test_dash_triton_compiles_with_autograd(estimate_diagonal, device, fresh_dyn
     do = torch.randn(B, Hq, N, D, device=device)
 
     def f(q, k, v, w):
-        out, stats = dash_attention(q, k, v, w, chunk_size=C, gamma=3.0, estimate_diagonal=estimate_diagonal,
+        # gamma 8: kept fraction <= 0.92 over 300 seeds (gamma 3 reached 0.994 on some seeds)
+        out, stats = dash_attention(q, k, v, w, chunk_size=C, gamma=8.0, estimate_diagonal=estimate_diagonal,
                                     sigma=0.8, backend="triton", return_stats=True)
         return out, stats["kept_fraction"]
 
